@@ -1,0 +1,162 @@
+"""The tensor-parallel sharding plan: one table, read by shard_args, shard and merge.
+
+No other module knows a split dimension. nn.Linear weights are [out, in], so a column-parallel
+(output-split) linear is cut along dim 0 and a row-parallel (input-split) one along dim 1.
+
+Contiguous blocks keep grouped-query attention intact: rank k holds kv heads
+[k*n_kv/W, (k+1)*n_kv/W) and exactly the query heads that read them (query head h reads kv head
+h // (n_heads/n_kv_heads)), so a slice is itself a valid, smaller Llama.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from .model import ModelArgs
+
+
+@dataclass(frozen=True)
+class Split:
+    dim: int  # 0: output rows (column-parallel), 1: input columns (row-parallel)
+    unit: str  # what is divided among ranks: "heads", "kv_heads" or "hidden"
+
+
+REPLICATE = None
+
+# parameter-name pattern -> Split, or REPLICATE. Every state-dict key must match exactly one rule.
+SHARDING_PLAN: dict[str, Optional[Split]] = {
+    r"layers\.\d+\.attention\.wq\.weight": Split(0, "heads"),
+    r"layers\.\d+\.attention\.wk\.weight": Split(0, "kv_heads"),
+    r"layers\.\d+\.attention\.wv\.weight": Split(0, "kv_heads"),
+    r"layers\.\d+\.attention\.wo\.weight": Split(1, "heads"),
+    r"layers\.\d+\.feed_forward\.w1\.weight": Split(0, "hidden"),
+    r"layers\.\d+\.feed_forward\.w3\.weight": Split(0, "hidden"),
+    r"layers\.\d+\.feed_forward\.w2\.weight": Split(1, "hidden"),
+    r"tok_embeddings\.weight": REPLICATE,
+    r"layers\.\d+\.(attention_norm|ffn_norm)\.weight": REPLICATE,
+    r"norm\.weight": REPLICATE,
+    r"output\.weight": REPLICATE,
+}
+_COMPILED = [(re.compile(p), rule) for p, rule in SHARDING_PLAN.items()]
+
+
+def rule_for(name: str) -> Optional[Split]:
+    """The plan's rule for a parameter name; an unknown name is an error, never a silent copy."""
+    matches = [rule for pattern, rule in _COMPILED if pattern.fullmatch(name)]
+    if len(matches) != 1:
+        raise KeyError(
+            f"parameter {name!r} matches {len(matches)} sharding rules (expected exactly 1); "
+            f"rules: {list(SHARDING_PLAN)}"
+        )
+    return matches[0]
+
+
+def is_split(name: str) -> bool:
+    return rule_for(name) is not REPLICATE
+
+
+def valid_world_sizes(args: ModelArgs) -> list[int]:
+    """World sizes that divide every split unit (n_heads, n_kv_heads, hidden_dim)."""
+    return [w for w in range(1, args.n_kv_heads + 1) if _divides(args, w)]
+
+
+def _divides(args: ModelArgs, w: int) -> bool:
+    return args.n_heads % w == 0 and args.n_kv_heads % w == 0 and args.hidden_dim % w == 0
+
+
+def check_world_size(args: ModelArgs, world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1 or not _divides(args, world_size):
+        raise ValueError(
+            f"world size {world_size!r} must divide n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} "
+            f"and the FFN hidden size {args.hidden_dim}; valid world sizes: {valid_world_sizes(args)}"
+        )
+
+
+def shard_args(args: ModelArgs, world_size: int) -> ModelArgs:
+    """ModelArgs of one rank's sub-model: 1/W of the heads, kv heads and FFN units; same dim and head_dim."""
+    check_world_size(args, world_size)
+    return replace(
+        args,
+        n_heads=args.n_heads // world_size,
+        n_kv_heads=args.n_kv_heads // world_size,
+        head_dim=args.head_dim,
+        hidden_dim=args.hidden_dim // world_size,
+    )
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+
+
+def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s slice of a full state dict. Returns views (no copy of the model): split parameters
+    are narrowed along their split dim; replicated parameters are the same tensors."""
+    check_world_size(args, world_size)
+    _check_rank(rank, world_size)
+    out = {}
+    for name, t in state_dict.items():
+        rule = rule_for(name)
+        if rule is REPLICATE:
+            out[name] = t
+        else:
+            size = t.shape[rule.dim] // world_size
+            out[name] = t.narrow(rule.dim, rank * size, size)
+    return out
+
+
+def slice_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of one rank's slice (the same for every rank)."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        sub = Transformer(shard_args(args, world_size))
+    return {k: tuple(v.shape) for k, v in sub.state_dict().items()}
+
+
+def merge(
+    shards: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, weights: Optional[Sequence[float]] = None
+) -> dict[str, torch.Tensor]:
+    """Inverse of shard. `shards` are in rank order (len = world size). Split parameters are concatenated;
+    replicated parameters are averaged (with `weights`, normalised), or taken as they are when every
+    shard holds the same values, so merge(shard(...)) is the identity bit for bit."""
+    world_size = len(shards)
+    check_world_size(args, world_size)
+    keys = list(shards[0].keys())
+    for r, s in enumerate(shards[1:], start=1):
+        if set(s.keys()) != set(keys):
+            diff = sorted(set(s.keys()) ^ set(keys))
+            raise KeyError(f"shard {r} has different keys from shard 0: {diff[:5]}")
+    if weights is None:
+        weights = [1.0] * world_size
+    if len(weights) != world_size or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be {world_size} non-negative numbers with a positive sum, got {weights}")
+    total = float(sum(weights))
+    out = {}
+    for name in keys:
+        rule = rule_for(name)
+        parts = [s[name] for s in shards]
+        if rule is not REPLICATE:
+            out[name] = torch.cat(parts, dim=rule.dim)
+        elif all(p is parts[0] or torch.equal(p, parts[0]) for p in parts[1:]):
+            out[name] = parts[0]
+        else:
+            acc = torch.zeros_like(parts[0], dtype=torch.float32)
+            for p, w in zip(parts, weights):
+                acc.add_(p.float(), alpha=w / total)
+            out[name] = acc.to(parts[0].dtype)
+    return out
+
+
+def split_fraction(args: ModelArgs) -> float:
+    """Fraction of all parameters that the plan splits (78.15% for Llama 3.2 3B)."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        sd = Transformer(args).state_dict()
+    total = sum(t.numel() for t in sd.values())
+    return sum(t.numel() for k, t in sd.items() if is_split(k)) / total
