@@ -1,0 +1,121 @@
+"""The run configuration: flat kebab-case keys, parsed and checked once into a typed object.
+
+Every key lives in pyproject.toml's [tool.flwr.app.config] with the default below (a test keeps the two
+in step). An invalid value stops the run with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
+SLICE_MODES = ("independent", "context")
+MERGE_WEIGHTINGS = ("auto", "per-rank", "all-clients")
+
+
+def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
+         exclusive_min: bool = False) -> Any:
+    meta = dict(key=name, help=help, choices=choices, minimum=minimum, exclusive_min=exclusive_min)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # -- federation
+    num_server_rounds: int = _key("num-server-rounds", 3, "federated rounds", minimum=1)
+    world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
+    enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds")
+    swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1)
+    strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class)", choices=STRATEGIES)
+    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", minimum=0.0)
+    server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM server lr / FedOpt eta", minimum=0.0, exclusive_min=True)
+    server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
+    fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
+    min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the round is skipped", minimum=1)
+    min_available_nodes: int = _key("min-available-nodes", 1, "nodes to wait for before a round starts", minimum=1)
+    round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
+    wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=("float32", "bfloat16", "float16"))
+    slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
+    context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=(4, 8, 16))
+    merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
+    client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
+    # -- model and data
+    model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
+    checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")
+    tokenizer_path: str = _key("tokenizer-path", "", "tokenizer.model file; empty: the one llama-models ships")
+    train_data: str = _key("train-data", "", "training .txt/.jsonl file or directory; empty: the built-in corpus")
+    eval_data: str = _key("eval-data", "", "held-out .txt/.jsonl file or directory; empty: the built-in corpus")
+    partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=("iid", "by-source"))
+    packing: bool = _key("packing", True, "pack examples into full max-seq-len sequences (no padding)")
+    max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
+    eval_batches: int = _key("eval-batches", 8, "held-out batches per evaluation (0: all)", minimum=0)
+    # -- local training
+    learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate", minimum=0.0, exclusive_min=True)
+    weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)", minimum=0.0)
+    batch_size: int = _key("batch-size", 4, "sequences per micro-batch", minimum=1)
+    max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1)
+    local_steps: int = _key("local-steps", 10, "optimizer steps per client per round", minimum=1)
+    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", minimum=1)
+    max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", minimum=0.0)
+    lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=("constant", "cosine"))
+    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", minimum=0)
+    gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward")
+    device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32", "bf16"))
+    seed: int = _key("seed", 42, "seed for init, data order and sampling")
+    # -- outputs
+    output_dir: str = _key("output-dir", "outputs", "where results, eval files and checkpoints go")
+    checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0)
+    resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")
+
+    @property
+    def effective_merge_weighting(self) -> str:
+        if self.merge_weighting != "auto":
+            return self.merge_weighting
+        return "all-clients" if self.slice_mode == "context" else "per-rank"
+
+    @classmethod
+    def keys(cls) -> dict[str, dataclasses.Field]:
+        return {f.metadata["key"]: f for f in fields(cls)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Parse Flower's context.run_config (missing keys take their defaults)."""
+        known = cls.keys()
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        values = {}
+        for key, f in known.items():
+            if key in run_config:
+                values[f.name] = _coerce(key, run_config[key], type(f.default), f.metadata)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """kebab-case key -> value, as in pyproject.toml (stored in checkpoints and messages)."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in fields(self)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    value = kind(value)
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"config key {key!r}: {value!r} is not allowed; choose one of {list(meta['choices'])}")
+    minimum = meta["minimum"]
+    if minimum is not None and (value < minimum or (meta["exclusive_min"] and value == minimum)):
+        bound = f"> {minimum}" if meta["exclusive_min"] else f">= {minimum}"
+        raise ConfigError(f"config key {key!r}: {value!r} is not allowed; it must be {bound}")
+    return value

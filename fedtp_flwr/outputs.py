@@ -1,0 +1,147 @@
+"""The seed's output files, each written atomically (temp file in the same folder, then rename).
+
+- experiment_results_llama32.pkl: {(world_size, lr, enable_swapping, rounds, seed): [(round, loss, ppl)]},
+  merged into an existing file (read back with an unpickler that refuses every class: plain data only);
+- eval_res_llama32_ws{W}_r{R}.txt: "Round: r, Loss: x, Perplexity: y" per line;
+- checkpoints/llama32_{model}_ws{W}_lr{lr}_round{r}.pth: model_state_dict, experiment_key, round, config
+  (read back with torch.load(weights_only=True));
+- eval_res_llama32_ws{W}_r{R}.png beside the eval file when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+RESULTS_FILE = "experiment_results_llama32.pkl"
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write(f)` into a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, tuples, numbers, strings and bools; refuses any class or function."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: results files hold plain data only")
+
+
+def read_results(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = _PlainDataUnpickler(f).load()
+    except Exception as e:
+        raise ValueError(f"{path}: not a results file this tool wrote ({e}); move it away or pick another output-dir") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of experiments, found {type(data).__name__}")
+    return data
+
+
+def model_tag(model_name: str) -> str:
+    """'llama3.2-3b' -> '3b' (the seed's file names); other names keep their own tag."""
+    return model_name.removeprefix("llama3.2-").replace("/", "_")
+
+
+class RunOutputs:
+    """Everything one run writes, under `output_dir`."""
+
+    def __init__(self, output_dir: str | Path, experiment_key: tuple, world_size: int, rounds: int, lr: float,
+                 model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1):
+        self.dir = Path(output_dir)
+        self.key = experiment_key
+        self.world_size, self.rounds, self.lr = world_size, rounds, lr
+        self.model_name, self.config = model_name, dict(config)
+        self.checkpoint_every = checkpoint_every
+        self.history: list[tuple[int, float, float]] = []
+
+    @property
+    def results_path(self) -> Path:
+        return self.dir / RESULTS_FILE
+
+    @property
+    def eval_path(self) -> Path:
+        return self.dir / f"eval_res_llama32_ws{self.world_size}_r{self.rounds}.txt"
+
+    def checkpoint_path(self, rnd: int) -> Path:
+        return self.dir / "checkpoints" / f"llama32_{model_tag(self.model_name)}_ws{self.world_size}_lr{self.lr}_round{rnd}.pth"
+
+    def start_from(self, history: list[tuple[int, float, float]]) -> None:
+        """Resume: keep the rounds already recorded."""
+        self.history = [tuple(h) for h in history]
+
+    def record(self, rnd: int, loss: float, perplexity: float, state: Mapping[str, torch.Tensor] | None) -> None:
+        self.history = [h for h in self.history if h[0] < rnd] + [(rnd, float(loss), float(perplexity))]
+        results = read_results(self.results_path)
+        results[self.key] = list(self.history)
+        atomic_write(self.results_path, lambda f: pickle.dump(results, f))
+        text = "".join(f"Round: {r}, Loss: {l:.6f}, Perplexity: {p:.6f}\n" for r, l, p in self.history)
+        atomic_write(self.eval_path, lambda f: f.write(text.encode()))
+        if state is not None and rnd > 0 and self._checkpoint_due(rnd):
+            self.save_checkpoint(rnd, state)
+        self._plot()
+
+    def _checkpoint_due(self, rnd: int) -> bool:
+        return rnd == self.rounds or (self.checkpoint_every > 0 and rnd % self.checkpoint_every == 0)
+
+    def save_checkpoint(self, rnd: int, state: Mapping[str, torch.Tensor]) -> Path:
+        path = self.checkpoint_path(rnd)
+        payload = {"model_state_dict": {k: v.contiguous() for k, v in state.items()}, "experiment_key": self.key,
+                   "round": rnd, "config": self.config, "history": list(self.history)}
+        atomic_write(path, lambda f: torch.save(payload, f))
+        return path
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        rounds = [h[0] for h in self.history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a.plot(rounds, [h[1] for h in self.history], marker="o")
+        a.set(xlabel="round", ylabel="held-out loss")
+        b.plot(rounds, [h[2] for h in self.history], marker="o")
+        b.set(xlabel="round", ylabel="perplexity", yscale="log")
+        fig.suptitle(f"{self.model_name}, world size {self.world_size}")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write(self.eval_path.with_suffix(".png"), lambda f: f.write(buf.getvalue()))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint this tool wrote, loaded safely (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a fedtp-flwr checkpoint ({e})") from e
+    for k in ("model_state_dict", "experiment_key", "round", "config"):
+        if not isinstance(ckpt, dict) or k not in ckpt:
+            raise ValueError(f"{path}: not a fedtp-flwr checkpoint (missing {k!r})")
+    return ckpt

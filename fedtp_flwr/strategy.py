@@ -1,0 +1,222 @@
+"""The federated tensor-parallel Strategy: each node gets only its slice; slices are merged back.
+
+It wraps one of Flower's own strategies (`inner`), which keeps doing what it is good at: sampling nodes,
+adding its settings to the config (FedProx's proximal-mu) and the server-side update rule (FedAvgM's
+momentum, FedAdam/FedYogi/FedAdagrad's adaptive step). This class replaces only what tensor parallelism
+changes: what each node is sent (its slice), how replies are checked, and how slices become one model.
+The inner strategy then sees a single reply holding the merged model, so its update rule applies to it
+exactly as it would to a plain FedAvg average.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+
+from .aggregation import Contribution, aggregate_slices
+from .config import RunConfig
+from .model import ModelArgs
+from .replies import ReplyError, check_reply
+from .sharding import shard, slice_shapes
+from .wire import decode, encode, record_nbytes
+
+
+def make_inner_strategy(cfg: RunConfig) -> FedAvg:
+    """Flower's strategy named by `strategy`, with the run's sampling settings."""
+    common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
+                  min_evaluate_nodes=1, min_available_nodes=cfg.min_available_nodes)
+    eta = cfg.server_learning_rate
+    return {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=cfg.proximal_mu),
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=eta, server_momentum=cfg.server_momentum),
+        "fedadam": lambda: FedAdam(**common, eta=eta, beta_1=0.9, beta_2=0.99),
+        "fedyogi": lambda: FedYogi(**common, eta=eta, beta_1=0.9, beta_2=0.99),
+        "fedadagrad": lambda: FedAdagrad(**common, eta=eta),
+    }[cfg.strategy]()
+
+
+def _as_float32(record: ArrayRecord) -> ArrayRecord:
+    """Flower's adaptive rules compute in float64 (numpy scalars); the global model stays float32."""
+    return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
+
+
+def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
+                 enable_swapping: bool = False, swap_period: int = 2) -> dict[int, int]:
+    """Node -> rank. Nodes in id order take ranks 0, 1, ..., W-1, 0, 1, ... (more nodes than W: nodes that
+    share a rank are averaged). With swapping, every rank moves by +1 every `swap_period` rounds."""
+    shift = (server_round - 1) // swap_period if enable_swapping else 0
+    return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids))}
+
+
+class FederatedTensorParallel(Strategy):
+    def __init__(self, args: ModelArgs, cfg: RunConfig, inner: FedAvg | None = None):
+        self.args, self.cfg = args, cfg
+        self.world_size = cfg.world_size
+        self.inner = inner if inner is not None else make_inner_strategy(cfg)
+        self.expected_shapes = slice_shapes(args, self.world_size)
+        self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
+        self.current: ArrayRecord | None = None  # the global model sent out this round
+        self.bytes_log: dict[int, dict[str, int]] = {}
+
+    # ----------------------------------------------------------------------------------- messages
+
+    def _slice_records(self, arrays: ArrayRecord, ranks: Iterable[int]) -> dict[int, ArrayRecord]:
+        """One ArrayRecord per rank (nodes sharing a rank share it; Flower sends each node its own copy)."""
+        state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views, no copy of the model
+        return {r: encode(shard(state, self.args, r, self.world_size), self.cfg.wire_dtype) for r in sorted(set(ranks))}
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
+                  message_type: str) -> list[Message]:
+        ranks = assign_ranks(node_ids, server_round, self.world_size, self.cfg.enable_swapping, self.cfg.swap_period)
+        self.ranks[server_round] = ranks
+        records = self._slice_records(arrays, ranks.values())
+        model_args = json.dumps(self.args.to_params())
+        messages = []
+        for node in sorted(node_ids):
+            cfg = ConfigRecord(dict(config))
+            cfg.update({"rank": ranks[node], "world-size": self.world_size, "server-round": server_round,
+                        "model-args": model_args, "wire-dtype": self.cfg.wire_dtype})
+            content = RecordDict({"arrays": records[ranks[node]], "config": cfg})
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+        sent = sum(record_nbytes(records[ranks[n]]) for n in node_ids)
+        self.bytes_log.setdefault(server_round, {})["sent"] = sent
+        log(INFO, "round %d: node -> rank %s; sending %.1f MB of slices (%s)", server_round,
+            {n: ranks[n] for n in sorted(node_ids)}, sent / 1e6, self.cfg.wire_dtype)
+        missing = sorted(set(range(self.world_size)) - set(ranks.values()))
+        if missing:
+            log(WARNING, "round %d: %d node(s) for world size %d; rank(s) %s get no node and keep their values",
+                server_round, len(node_ids), self.world_size, missing)
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        # The inner strategy samples the nodes and adds its own settings to the config.
+        self.current = arrays
+        sampled = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if not sampled:
+            return []
+        inner_config = sampled[0].content["config"]
+        return self._messages(server_round, arrays, inner_config, [m.metadata.dst_node_id for m in sampled],
+                              MessageType.TRAIN)
+
+    # -------------------------------------------------------------------------------- aggregation
+
+    def _valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, int, dict, float]]:
+        ranks = self.ranks.get(server_round, {})
+        good, received = [], 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if not msg.has_error() and "arrays" in msg.content and isinstance(msg.content["arrays"], ArrayRecord):
+                received += record_nbytes(msg.content["arrays"])
+            try:
+                if node not in ranks and not msg.has_error():
+                    raise ReplyError("this node was not sent a slice in this round")
+                state, n = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype)
+            except ReplyError as e:
+                log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node), e)
+                continue
+            good.append((msg, ranks[node], state, n))
+        self.bytes_log.setdefault(server_round, {})["received"] = received
+        log(INFO, "round %d: %d valid repl%s, %.1f MB received", server_round, len(good),
+            "y" if len(good) == 1 else "ies", received / 1e6)
+        return good
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self._valid_replies(server_round, replies)
+        if len(good) < self.cfg.min_train_nodes:
+            log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; round skipped, global model kept",
+                server_round, len(good), self.cfg.min_train_nodes)
+            return None, None
+        untrained = sorted(set(range(self.world_size)) - {rank for _, rank, _, _ in good})
+        if untrained:
+            log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", server_round, untrained)
+        global_state = decode(self.current, "float32", dtype=None, copy=False)
+        merged = aggregate_slices(global_state, [Contribution(r, s, n) for _, r, s, n in good], self.args,
+                                  self.world_size, self.cfg.effective_merge_weighting)
+        merged_record = encode(merged, "float32")
+        metrics = aggregate_metricrecords([m.content for m, _, _, _ in good], "num-examples")
+        if type(self.inner) in (FedAvg, FedProx):
+            return merged_record, metrics  # their rule on one reply is the identity
+        total = sum(n for _, _, _, n in good)
+        one_reply = Message(RecordDict({"arrays": merged_record, "metrics": MetricRecord({"num-examples": total})}),
+                            dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, _ = self.inner.aggregate_train(server_round, [one_reply])
+        return _as_float32(arrays), metrics
+
+    # ------------------------------------------------------------------- client-side evaluation
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Off unless client-eval: then each node evaluates its own slice sub-model on its held-out data."""
+        if not self.cfg.client_eval:
+            return []
+        sampled = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = [m for m in replies if not m.has_error() and "metrics" in m.content]
+        for m in replies:
+            if m.has_error():
+                log(WARNING, "round %d: evaluation error from node %d: %s", server_round, m.metadata.src_node_id, m.error.reason)
+        if not good:
+            return None
+        return aggregate_metricrecords([m.content for m in good], "num-examples")
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Federated tensor parallel: world size %d, %s slices, %s merge, wire %s, swapping %s",
+            self.world_size, self.cfg.slice_mode, self.cfg.effective_merge_weighting, self.cfg.wire_dtype,
+            f"every {self.cfg.swap_period} rounds" if self.cfg.enable_swapping else "off")
+        log(INFO, "\t├──> Server rule: Flower's %s", type(self.inner).__name__)
+        self.inner.summary()
+
+    # ------------------------------------------------------------------------------------ rounds
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
+        """Flower's round loop, able to begin at `first_round` (resume). Round first_round-1 is evaluated
+        first (round 0 = the initial model)."""
+        log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        result, arrays = Result(), initial_arrays
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        if evaluate_fn:
+            res = evaluate_fn(first_round - 1, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[first_round - 1] = res
+        for rnd in range(first_round, num_rounds + 1):
+            t0 = time.time()
+            log(INFO, "")
+            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid), timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            if train_metrics is not None:
+                log(INFO, "\t└──> train metrics: %s", train_metrics)
+                result.train_metrics_clientapp[rnd] = train_metrics
+            eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
+            if eval_msgs:
+                eval_metrics = self.aggregate_evaluate(rnd, list(grid.send_and_receive(eval_msgs, timeout=timeout)))
+                if eval_metrics is not None:
+                    log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
+                    result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+            log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
+        if result.arrays is None:
+            result.arrays = arrays
+        return result

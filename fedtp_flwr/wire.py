@@ -1,0 +1,84 @@
+"""Tensors <-> Flower ArrayRecords, with an exact bfloat16 encoding.
+
+Flower's Array stores numpy `.npy` bytes, and numpy has no bfloat16: a bfloat16 tensor travels as its
+raw 16 bits viewed as int16 and is viewed back on arrival, bit for bit. Which wire dtype a message uses
+is set by the run config (`wire-dtype`), known to both sides; the receiver checks every Array's dtype.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# The numpy dtype an Array of each wire dtype carries.
+NUMPY_DTYPE: dict[str, str] = {"float32": "float32", "bfloat16": "int16", "float16": "float16"}
+
+
+def check_wire_dtype(name: str) -> str:
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype {name!r} is not supported; choose one of {sorted(WIRE_DTYPES)}")
+    return name
+
+
+def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
+    """State dict -> ArrayRecord in `wire_dtype` (one copy per tensor, into the .npy bytes)."""
+    dtype = WIRE_DTYPES[check_wire_dtype(wire_dtype)]
+    record = ArrayRecord()
+    for name, t in state.items():
+        t = t.detach().to("cpu", dtype).contiguous()
+        if dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        record[name] = Array(t.numpy())
+    return record
+
+
+def _npy_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of an Array's .npy bytes, without copying the data."""
+    buf = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if fortran or dtype.hasobject:
+        raise ValueError("array is not a plain C-ordered numeric array")
+    return np.frombuffer(array.data, dtype=dtype, offset=buf.tell(), count=int(np.prod(shape))).reshape(shape)
+
+
+def decode(record: ArrayRecord, wire_dtype: str = "float32", dtype: torch.dtype | None = torch.float32,
+           copy: bool = True) -> dict[str, torch.Tensor]:
+    """ArrayRecord in `wire_dtype` -> state dict in `dtype` (None: keep the wire dtype).
+
+    With copy=False and dtype equal to the wire dtype, tensors are read-only views of the record's bytes
+    (no copy of the model); do not write to them."""
+    check_wire_dtype(wire_dtype)
+    expected = NUMPY_DTYPE[wire_dtype]
+    out = {}
+    for name, array in record.items():
+        if array.dtype != expected:
+            raise ValueError(f"array {name!r} has dtype {array.dtype}, expected {expected} for wire dtype {wire_dtype}")
+        view = _npy_view(array)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy view is read-only
+            t = torch.from_numpy(view)
+        if wire_dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        elif copy:
+            t = t.clone()
+        out[name] = t
+    return out
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of array data the record carries (what dominates the message on the wire)."""
+    return sum(len(a.data) for a in record.values())

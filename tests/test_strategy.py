@@ -1,0 +1,245 @@
+"""The tensor-parallel Strategy driven directly with mock Messages (no grid, no Flower run)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtp_flwr.config import RunConfig
+from fedtp_flwr.model import ModelArgs, build_model
+from fedtp_flwr.sharding import shard, slice_shapes
+from fedtp_flwr.strategy import FederatedTensorParallel, assign_ranks
+from fedtp_flwr.wire import decode, encode
+
+ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages need a run id, as in a ServerApp process."""
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+def global_model(seed=0):
+    return {k: v.detach().clone() for k, v in build_model(ARGS, seed=seed).state_dict().items()}
+
+
+def make_strategy(world_size=2, inner=None, **cfg):
+    run = RunConfig(world_size=world_size, **cfg)
+    return FederatedTensorParallel(ARGS, run, inner=inner)
+
+
+def configure(strategy, state, nodes, rnd=1):
+    arrays = encode(state)
+    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.1}), FakeGrid(nodes)))
+    return arrays, msgs
+
+
+def trained_reply(msg, seed, num_examples=10.0, wire="float32", mutate=None):
+    """What a well-behaved client sends back: its slice, changed by 'training'."""
+    state = decode(msg.content["arrays"], wire)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    if mutate:
+        mutate(state)
+    content = RecordDict({"arrays": encode(state, wire), "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0})})
+    return Message(content, reply_to=msg), state
+
+
+def test_ranks_fixed_rotated_and_shared():
+    assert assign_ranks([30, 10, 20], 1, 2) == {10: 0, 20: 1, 30: 0}
+    assert assign_ranks([1, 2], 5, 2) == {1: 0, 2: 1}  # no swapping: never moves
+    rotated = [assign_ranks([1, 2, 3, 4], r, 4, enable_swapping=True, swap_period=2)[1] for r in range(1, 8)]
+    assert rotated == [0, 0, 1, 1, 2, 2, 3]
+
+
+def test_each_node_gets_its_slice_and_never_the_full_model():
+    s = make_strategy(world_size=2)
+    state = global_model()
+    _, msgs = configure(s, state, [5, 6, 7, 8])
+    expected = slice_shapes(ARGS, 2)
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [5, 6, 7, 8]
+    for m in msgs:
+        cfg = m.content["config"]
+        rank = cfg["rank"]
+        assert cfg["world-size"] == 2 and cfg["server-round"] == 1 and cfg["lr"] == 0.1
+        got = decode(m.content["arrays"])
+        assert {k: tuple(v.shape) for k, v in got.items()} == expected
+        want = shard(state, ARGS, rank, 2)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        # wq of a W=2 slice has half the rows of the full wq
+        assert got["layers.0.attention.wq.weight"].shape[0] == state["layers.0.attention.wq.weight"].shape[0] // 2
+    assert [m.content["config"]["rank"] for m in sorted(msgs, key=lambda m: m.metadata.dst_node_id)] == [0, 1, 0, 1]
+
+
+def test_four_nodes_on_two_ranks_average_per_rank_and_replicated_over_all():
+    s = make_strategy(world_size=2)
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2, 3, 4])
+    weights = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    replies, states = [], {}
+    for m in msgs:
+        node = m.metadata.dst_node_id
+        r, st = trained_reply(m, seed=node, num_examples=weights[node])
+        replies.append(r)
+        states[node] = st
+    arrays, metrics = s.aggregate_train(1, replies)
+    new = decode(arrays)
+    # rank 0 = nodes 1, 3; rank 1 = nodes 2, 4
+    wq0 = (states[1]["layers.0.attention.wq.weight"] * 1 + states[3]["layers.0.attention.wq.weight"] * 3) / 4
+    wq1 = (states[2]["layers.0.attention.wq.weight"] * 2 + states[4]["layers.0.attention.wq.weight"] * 4) / 6
+    torch.testing.assert_close(new["layers.0.attention.wq.weight"], torch.cat([wq0, wq1]), rtol=0, atol=1e-6)
+    w2_0 = (states[1]["layers.0.feed_forward.w2.weight"] + 3 * states[3]["layers.0.feed_forward.w2.weight"]) / 4
+    torch.testing.assert_close(new["layers.0.feed_forward.w2.weight"][:, : w2_0.shape[1]], w2_0, rtol=0, atol=1e-6)
+    emb = sum(weights[n] * states[n]["tok_embeddings.weight"] for n in states) / 10
+    torch.testing.assert_close(new["tok_embeddings.weight"], emb, rtol=0, atol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(1.0)
+
+
+def test_rank_nobody_returned_keeps_previous_values():
+    s = make_strategy(world_size=2)
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2])
+    rank0 = [m for m in msgs if m.content["config"]["rank"] == 0]
+    reply, st = trained_reply(rank0[0], seed=1)
+    new = decode(s.aggregate_train(1, [reply])[0])
+    half = state["layers.0.attention.wq.weight"].shape[0] // 2
+    assert torch.equal(new["layers.0.attention.wq.weight"][half:], state["layers.0.attention.wq.weight"][half:])
+    assert torch.equal(new["layers.0.attention.wq.weight"][:half], st["layers.0.attention.wq.weight"])
+    assert torch.equal(new["tok_embeddings.weight"], st["tok_embeddings.weight"])
+
+
+def test_all_clients_weighting_counts_non_trainers_as_zero_update():
+    s = make_strategy(world_size=2, merge_weighting="all-clients")
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2, 3])  # ranks 0, 1, 0
+    out = {m.metadata.dst_node_id: trained_reply(m, seed=m.metadata.dst_node_id, num_examples=1.0) for m in msgs}
+    new = decode(s.aggregate_train(1, [r for r, _ in out.values()])[0])
+    k = "layers.0.feed_forward.w1.weight"
+    old0, old1 = shard(state, ARGS, 0, 2)[k], shard(state, ARGS, 1, 2)[k]
+    want0 = old0 + ((out[1][1][k] - old0) + (out[3][1][k] - old0)) / 3
+    want1 = old1 + (out[2][1][k] - old1) / 3
+    torch.testing.assert_close(new[k], torch.cat([want0, want1]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("flower_cls", [FedAvg, FedAdam, FedAvgM])
+def test_world_size_one_equals_flower_strategy(flower_cls):
+    kwargs = dict(server_learning_rate=0.5, server_momentum=0.9) if flower_cls is FedAvgM else {}
+    ours_inner, theirs = flower_cls(min_available_nodes=1, **kwargs), flower_cls(min_available_nodes=1, **kwargs)
+    s = make_strategy(world_size=1, inner=ours_inner)
+    state = global_model()
+    arrays, msgs = configure(s, state, [1, 2, 3])
+    list(theirs.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))
+    replies = [trained_reply(m, seed=m.metadata.dst_node_id, num_examples=float(m.metadata.dst_node_id))[0] for m in msgs]
+    ours, _ = s.aggregate_train(1, replies)
+    ref, _ = theirs.aggregate_train(1, replies)
+    ref = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in ref.items()})  # Flower's FedAdam is float64
+    a, b = decode(ours), decode(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["tok_embeddings.weight"], state["tok_embeddings.weight"])  # not vacuous
+
+
+def test_fedprox_sends_proximal_mu():
+    s = make_strategy(world_size=2, strategy="fedprox", proximal_mu=0.3)
+    _, msgs = configure(s, global_model(), [1, 2])
+    assert all(m.content["config"]["proximal-mu"] == pytest.approx(0.3) for m in msgs)
+    assert isinstance(s.inner, FedProx)
+
+
+def _bad_replies(msgs):
+    m = msgs[0]
+    k = "layers.0.attention.wq.weight"
+
+    def with_nan(st):
+        st[k][0, 0] = float("nan")
+
+    def with_inf(st):
+        st["norm.weight"][0] = float("inf")
+
+    def missing(st):
+        del st[k]
+
+    def extra(st):
+        st["layers.0.attention.bias"] = torch.zeros(3)
+
+    def wrong_shape(st):
+        st[k] = torch.zeros(3, 3)
+
+    def full_wq(st):
+        st[k] = torch.zeros(ARGS.n_heads * ARGS.head_dim, ARGS.dim)
+
+    bad = {name: trained_reply(m, 1, mutate=f)[0] for name, f in
+           dict(nan=with_nan, inf=with_inf, missing=missing, extra=extra, shape=wrong_shape, full=full_wq).items()}
+    bad["error"] = Message(Error(code=2, reason="ClientApp raised"), reply_to=m)
+    bad["zero-examples"] = trained_reply(m, 1, num_examples=0)[0]
+    bad["nan-examples"] = trained_reply(m, 1, num_examples=float("nan"))[0]
+    wrong_dtype = trained_reply(m, 1)[0]
+    arrays = wrong_dtype.content["arrays"]
+    arrays[k] = Array(arrays[k].numpy().astype(np.float64))
+    bad["dtype"] = wrong_dtype
+    no_metrics = trained_reply(m, 1)[0]
+    del no_metrics.content["metrics"]
+    bad["no-metrics"] = no_metrics
+    return bad
+
+
+def test_each_kind_of_bad_reply_is_dropped_with_a_reason(caplog):
+    s = make_strategy(world_size=2, min_train_nodes=1)
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2])
+    for name, reply in _bad_replies(msgs).items():
+        caplog.clear()
+        arrays, metrics = s.aggregate_train(1, [reply])
+        assert arrays is None and metrics is None, name  # the only reply was bad: round skipped
+        text = caplog.text
+        assert "dropping reply from node" in text and "round skipped" in text, (name, text)
+
+
+def test_bad_reply_does_not_touch_the_global_slice():
+    s = make_strategy(world_size=2, min_train_nodes=1)
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2])
+    good_msg = [m for m in msgs if m.content["config"]["rank"] == 1][0]
+    good, _ = trained_reply(good_msg, 2)
+    bad = _bad_replies([m for m in msgs if m.content["config"]["rank"] == 0])["nan"]
+    new = decode(s.aggregate_train(1, [bad, good])[0])
+    half = state["layers.0.attention.wq.weight"].shape[0] // 2
+    assert torch.equal(new["layers.0.attention.wq.weight"][:half], state["layers.0.attention.wq.weight"][:half])
+    assert torch.isfinite(new["layers.0.attention.wq.weight"]).all()
+
+
+def test_reply_from_a_node_that_got_no_slice_is_dropped(caplog):
+    s = make_strategy(world_size=2)
+    _, msgs = configure(s, global_model(), [1, 2])
+    stranger = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=99, message_type="train")
+    reply, _ = trained_reply(msgs[0], 1)
+    impostor = Message(reply.content, reply_to=stranger)
+    assert s.aggregate_train(1, [impostor]) == (None, None)
+    assert "not sent a slice" in caplog.text
+
+
+def test_bfloat16_wire_round_trip_through_the_strategy():
+    s = make_strategy(world_size=2, wire_dtype="bfloat16")
+    state = global_model()
+    _, msgs = configure(s, state, [1, 2])
+    for m in msgs:
+        assert all(a.dtype == "int16" for a in m.content["arrays"].values())
+    replies = [trained_reply(m, m.metadata.dst_node_id, wire="bfloat16")[0] for m in msgs]
+    new = decode(s.aggregate_train(1, replies)[0])
+    assert new["layers.0.attention.wq.weight"].dtype == torch.float32
+    torch.testing.assert_close(new["tok_embeddings.weight"], state["tok_embeddings.weight"], atol=0.05, rtol=0)
