@@ -34,7 +34,7 @@ class RunConfig:
     server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the round is skipped", minimum=1)
-    min_available_nodes: int = _key("min-available-nodes", 1, "nodes to wait for before a round starts", minimum=1)
+    min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=("float32", "bfloat16", "float16"))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)

@@ -59,14 +59,22 @@ class ModelArgs:
             if self.dim % self.n_heads != 0:
                 raise ValueError(f"ModelArgs.dim={self.dim} must be divisible by n_heads={self.n_heads}")
             self.head_dim = self.dim // self.n_heads
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"ModelArgs.head_dim={self.head_dim} must be even for RoPE")
-        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ModelArgs.ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier!r}")
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.rope_scale_factor <= 0:
-            raise ValueError("ModelArgs.norm_eps, rope_theta and rope_scale_factor must be > 0")
+        for name in ("head_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"ModelArgs.head_dim={self.head_dim} must be even for RoPE")
+        for name in ("norm_eps", "rope_theta", "rope_scale_factor"):
+            value = getattr(self, name)
+            if not value > 0:  # also refuses NaN
+                raise ValueError(f"ModelArgs.{name} must be > 0, got {value!r}")
+        if not self.rope_high_freq_factor > 1.0:  # Llama 3 scaling divides by (high - low), low = 1
+            raise ValueError(f"ModelArgs.rope_high_freq_factor must be > 1, got {self.rope_high_freq_factor!r}")
 
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":

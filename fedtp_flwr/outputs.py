@@ -132,7 +132,7 @@ class RunOutputs:
         atomic_write(self.eval_path.with_suffix(".png"), lambda f: f.write(buf.getvalue()))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_run_checkpoint(path: str | Path) -> dict:
     """A checkpoint this tool wrote, loaded safely (tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():

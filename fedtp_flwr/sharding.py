@@ -104,9 +104,21 @@ def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, wo
         if rule is REPLICATE:
             out[name] = t
         else:
-            size = t.shape[rule.dim] // world_size
+            full = _unit_rows(args, rule.unit)
+            if t.dim() != 2 or t.shape[rule.dim] != full:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(t.shape)}; the plan splits dim {rule.dim}, "
+                    f"which must be {full} for these ModelArgs"
+                )
+            size = full // world_size
             out[name] = t.narrow(rule.dim, rank * size, size)
     return out
+
+
+def _unit_rows(args: ModelArgs, unit: str) -> int:
+    """Full size of a split dimension: heads * head_dim, kv heads * head_dim, or FFN hidden units."""
+    return {"heads": args.n_heads * args.head_dim, "kv_heads": args.n_kv_heads * args.head_dim,
+            "hidden": args.hidden_dim}[unit]
 
 
 def slice_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, ...]]:

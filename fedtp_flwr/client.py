@@ -1,0 +1,125 @@
+"""What a node does with its slice: build the sub-model, train or evaluate it on local data, reply.
+
+Local data comes from the node's own config: `data-path` (deployment: a file or folder on that machine,
+never sent anywhere), or `partition-id` / `num-partitions` (simulation: a partition of `train-data`,
+the built-in corpus by default). Held-out data for client-side evaluation: `eval-data-path`, or the same
+partition of `eval-data`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from .config import RunConfig
+from .data import (DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path, eval_batches,
+                   iterate_batches, load_examples, partition_examples)
+from .model import ModelArgs, Transformer, build_model
+from .sharding import shard_args
+from .training import TrainSettings, evaluate, resolve_device, train_local
+from .wire import decode, encode
+
+
+@dataclass(frozen=True)
+class SliceJob:
+    """The per-message part of a node's work, as the server's ConfigRecord states it."""
+
+    rank: int
+    world_size: int
+    server_round: int
+    args: ModelArgs  # the full model's args
+    wire_dtype: str
+    proximal_mu: float
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "SliceJob":
+        try:
+            return cls(int(config["rank"]), int(config["world-size"]), int(config["server-round"]),
+                       ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
+                       float(config.get("proximal-mu", 0.0)))
+        except KeyError as e:
+            raise ValueError(f"the server's message lacks config key {e}") from None
+
+
+def build_slice_model(job: SliceJob, arrays: ArrayRecord, device: torch.device) -> Transformer:
+    """The rank's sub-model (same Transformer class, 1/W of the heads and FFN units) holding the slice."""
+    model = build_model(shard_args(job.args, job.world_size), device=device, seed=None)
+    model.load_state_dict(decode(arrays, job.wire_dtype, dtype=torch.float32), strict=True)
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str) -> Tokenizer:
+    return Tokenizer(path or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(path: str, partition: tuple[int, int] | None, scheme: str, seed: int, tokenizer_path: str,
+             max_seq_len: int, pack: bool) -> TokenDataset:
+    examples = load_examples(path)
+    if partition is not None:
+        examples = partition_examples(examples, partition[0], partition[1], seed=seed, scheme=scheme)
+    return build_dataset(examples, _tokenizer(tokenizer_path), max_seq_len, pack=pack)
+
+
+def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "train") -> TokenDataset:
+    """This node's training (or held-out) data; see the module docstring."""
+    path_key = "data-path" if split == "train" else "eval-data-path"
+    if path_key in node_config:
+        return _dataset(str(node_config[path_key]), None, cfg.partitioning, cfg.seed, cfg.tokenizer_path,
+                        cfg.max_seq_len, cfg.packing)
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise DataError(f"node config has neither {path_key!r} nor partition-id/num-partitions: "
+                        f"give this SuperNode --node-config '{path_key}=\"/path/to/data.jsonl\"'")
+    source = (cfg.train_data if split == "train" else cfg.eval_data) or str(builtin_corpus_path(split))
+    partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    return _dataset(source, partition, cfg.partitioning, cfg.seed, cfg.tokenizer_path, cfg.max_seq_len, cfg.packing)
+
+
+def train_settings(cfg: RunConfig, job: SliceJob, seed: int) -> TrainSettings:
+    return TrainSettings(
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=cfg.local_steps,
+        grad_accum_steps=cfg.grad_accum_steps, precision=cfg.precision,
+        gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
+        proximal_mu=job.proximal_mu, progress=True,
+    )
+
+
+def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int) -> int:
+    """A different, reproducible data order for every node and round."""
+    pid = int(node_config.get("partition-id", 0))
+    return (cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**31)
+
+
+def train_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
+                node_config: Mapping[str, Any]) -> tuple[ArrayRecord, MetricRecord]:
+    job = SliceJob.from_config(config)
+    device = resolve_device(cfg.device)
+    data = local_dataset(cfg, node_config, "train")
+    model = build_slice_model(job, arrays, device)
+    seed = node_seed(cfg, node_config, job.server_round)
+    batches = iterate_batches(data, cfg.batch_size, seed)
+    m = train_local(model, batches, train_settings(cfg, job, seed))
+    metrics = MetricRecord({
+        "num-examples": data.n_examples,  # FedAvg's n_k: the size of this node's local dataset
+        "train-loss": m["train_loss"], "train-perplexity": m["train_perplexity"],
+        "num-tokens": m["num_tokens"], "tokens-per-second": m["tokens_per_second"], "rank": job.rank,
+    })
+    return encode(model.state_dict(), job.wire_dtype), metrics
+
+
+def evaluate_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
+                   node_config: Mapping[str, Any]) -> MetricRecord:
+    """Slice metrics: this node's sub-model alone on its held-out data (not the merged model's quality)."""
+    job = SliceJob.from_config(config)
+    model = build_slice_model(job, arrays, resolve_device(cfg.device))
+    data = local_dataset(cfg, node_config, "eval")
+    res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
+    return MetricRecord({"num-examples": res["num_tokens"], "slice-loss": res["loss"],
+                         "slice-perplexity": res["perplexity"], "rank": job.rank})

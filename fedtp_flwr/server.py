@@ -1,0 +1,101 @@
+"""The server's side of a run: initial model, held-out evaluation of the merged model, outputs, rounds."""
+
+from __future__ import annotations
+
+import json
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from .checkpoint import load_checkpoint
+from .config import ConfigError, RunConfig
+from .data import Tokenizer, build_dataset, builtin_corpus_path, eval_batches, load_examples
+from .model import ModelArgs, build_model, preset_args
+from .outputs import RunOutputs, load_run_checkpoint
+from .sharding import check_world_size
+from .strategy import FederatedTensorParallel
+from .training import evaluate, resolve_device
+from .wire import decode, encode
+
+
+def experiment_key(cfg: RunConfig) -> tuple:
+    """The seed's results key: (world_size, lr, enable_swapping, rounds, seed)."""
+    return (cfg.world_size, cfg.learning_rate, cfg.enable_swapping, cfg.num_server_rounds, cfg.seed)
+
+
+def model_name(cfg: RunConfig) -> str:
+    return Path(cfg.checkpoint_dir).name if cfg.checkpoint_dir else cfg.model
+
+
+def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], int, list]:
+    """(args, state, first round, history): from resume-from, checkpoint-dir, or the preset with seeded init."""
+    if cfg.resume_from:
+        ckpt = load_run_checkpoint(cfg.resume_from)
+        stored = ckpt["config"]
+        args = ModelArgs.from_params(json.loads(stored["model-args"]))
+        for key in ("world-size", "num-server-rounds", "learning-rate", "enable-swapping", "seed", "strategy"):
+            if key == "num-server-rounds":
+                continue  # a run may be extended
+            if stored.get(key) != cfg.to_dict()[key]:
+                raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint was written with {key}="
+                                  f"{stored.get(key)!r}, this run has {cfg.to_dict()[key]!r}")
+        state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
+        return args, state, int(ckpt["round"]) + 1, [tuple(h) for h in ckpt.get("history", [])]
+    if cfg.checkpoint_dir:
+        args, state = load_checkpoint(cfg.checkpoint_dir)
+        return args, {k: v.float() for k, v in state.items()}, 1, []
+    try:
+        args = preset_args(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model': {e}") from None
+    model = build_model(args, seed=cfg.seed)
+    return args, {k: v.detach() for k, v in model.state_dict().items()}, 1, []
+
+
+def resolve_output_dir(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def run(grid: Grid, run_config: dict[str, Any]) -> None:
+    cfg = RunConfig.from_run_config(run_config)
+    args, state, first_round, history = initial_state(cfg)
+    try:
+        check_world_size(args, cfg.world_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'world-size': {e}") from None
+    device = resolve_device(cfg.device)
+
+    # Held-out data and a model to evaluate the merged weights in (built once, reloaded each round).
+    tokenizer = Tokenizer(cfg.tokenizer_path or None)
+    eval_path = cfg.eval_data or str(builtin_corpus_path("eval"))
+    held_out = build_dataset(load_examples(eval_path), tokenizer, cfg.max_seq_len, pack=cfg.packing)
+    batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)
+    eval_model = build_model(args, device=device, seed=None)
+
+    out_dir = resolve_output_dir(cfg.output_dir)
+    config = {**cfg.to_dict(), "model-args": json.dumps(args.to_params())}
+    outputs = RunOutputs(out_dir, experiment_key(cfg), cfg.world_size, cfg.num_server_rounds, cfg.learning_rate,
+                         model_name(cfg), config, cfg.checkpoint_every)
+    outputs.start_from(history)
+    log(INFO, "fedtp-flwr: %s (%.1fM parameters), world size %d, rounds %d..%d, outputs in %s", model_name(cfg),
+        sum(t.numel() for t in state.values()) / 1e6, cfg.world_size, first_round, cfg.num_server_rounds, out_dir)
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        merged = decode(arrays, "float32", dtype=None, copy=False)
+        eval_model.load_state_dict(merged)
+        res = evaluate(eval_model, batches, precision=cfg.precision)
+        log(INFO, "round %d: held-out loss %.4f, perplexity %.2f (%d tokens)", rnd, res["loss"],
+            res["perplexity"], res["num_tokens"])
+        outputs.record(rnd, res["loss"], res["perplexity"], merged if rnd >= first_round else None)
+        return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
+
+    strategy = FederatedTensorParallel(args, cfg)
+    strategy.start(grid, encode(state), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                   evaluate_fn=evaluate_fn, first_round=first_round)
+    log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,
+        outputs.checkpoint_path(cfg.num_server_rounds).parent)
