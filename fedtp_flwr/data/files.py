@@ -1,0 +1,100 @@
+"""Read examples from .txt / .jsonl files, failing loudly with file and line on anything malformed.
+
+- `.txt`: one example per non-blank line (surrounding whitespace stripped).
+- `.jsonl`: one JSON object per non-blank line with a non-empty string "text" and, optionally, a
+  string "source".
+- A directory: its .txt and .jsonl files, in sorted name order, not recursing into subdirectories;
+  other files are ignored.
+
+Every example carries a `source` tag for non-IID partitioning: the JSON "source" if given, else the
+name of its file without the extension (for the built-in corpus: the play).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DataError
+
+SUFFIXES = (".jsonl", ".txt")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    source: str
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line, decoded as UTF-8 line by line to locate bad bytes."""
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # byte-order mark
+        yield lineno, line
+
+
+def _read_txt(path: Path) -> Iterator[Example]:
+    for _, line in _lines(path):
+        if line.strip():
+            yield Example(line.strip(), path.stem)
+
+
+def _read_jsonl(path: Path) -> Iterator[Example]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise DataError(f'{where}: expected a JSON object with a "text" string, got {kind}')
+        if "text" not in record:
+            raise DataError(f'{where}: missing "text" key (keys: {", ".join(sorted(record)) or "none"})')
+        text, source = record["text"], record.get("source", path.stem)
+        if not isinstance(text, str):
+            raise DataError(f'{where}: "text" must be a string, got {type(text).__name__}')
+        if not text.strip():
+            raise DataError(f'{where}: "text" is empty')
+        if not isinstance(source, str) or not source:
+            raise DataError(f'{where}: "source" must be a non-empty string, got {source!r}')
+        yield Example(text, source)
+
+
+def _read_file(path: Path) -> list[Example]:
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}, expected .txt or .jsonl")
+    try:
+        examples = list(_read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not examples:
+        raise DataError(f"{path}: file has no examples (it is empty or only blank lines)")
+    return examples
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files `load_examples(path)` reads, in order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: directory has no .txt or .jsonl files (subdirectories are not searched)")
+    return files
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """All examples of a .txt / .jsonl file or of a directory of them, in file then line order."""
+    return [example for file in data_files(path) for example in _read_file(file)]

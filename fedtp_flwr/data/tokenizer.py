@@ -1,0 +1,161 @@
+"""Meta's Llama 3 tokenizer interface (`encode(s, bos, eos)`, `decode`, `bos_id`, ...) over tiktoken.
+
+The vocabulary is 128,000 byte-level BPE ranks read from a `tokenizer.model` file (one "base64 rank"
+pair a line) followed by 256 special tokens, 128256 ids in all. The special-token list is the one in
+llama-models 0.3.0 (`llama_models/llama3/tokenizer.py`), which puts `<|image|>` at 128011 and numbers
+the remaining reserved tokens from 2.
+
+Special tokens are never produced from text: "<|eot_id|>" inside a string is encoded as the ordinary
+characters it is made of. Only `bos` / `eos` add special ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.resources
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import tiktoken
+
+from .errors import DataError
+
+# Llama 3 pre-tokenizer: contractions, letter runs (with one leading non-letter), 1-3 digit groups,
+# punctuation runs (with trailing newlines), newline runs, other whitespace.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",  # 128000
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",  # 128004: padding for fine-tuning
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message
+    "<|eot_id|>",  # 128009: end of turn
+    "<|python_tag|>",
+    "<|image|>",  # 128011
+)
+
+# tiktoken is only safe on bounded inputs (Meta's reference splits the same way; tiktoken issue 195):
+# at most this many characters per call ...
+MAX_ENCODE_CHARS = 400_000
+# ... and no run of whitespace or of non-whitespace longer than this (BPE cost grows with a run's length).
+MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+
+
+def special_token_names() -> list[str]:
+    """The 256 special tokens in id order (id = number of BPE ranks + index)."""
+    n_reserved = NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS)
+    return [*_NAMED_SPECIAL_TOKENS, *(f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved))]
+
+
+def default_tokenizer_path() -> Path:
+    """The Llama 3 `tokenizer.model` that the `llama-models` package ships."""
+    try:
+        package = importlib.resources.files("llama_models")
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            "no tokenizer path given and the llama-models package, which ships the default "
+            "tokenizer.model, is not installed: pip install llama-models, or pass Tokenizer(path)"
+        ) from None
+    return Path(str(package / "llama3" / "tokenizer.model"))
+
+
+def load_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """Read a tiktoken BPE file. Unlike `tiktoken.load.load_tiktoken_bpe`, this keeps no cache copy
+    in the temp dir keyed by path, which would go stale when the file at that path changes."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read tokenizer file: {e.strerror or e}") from None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise DataError(
+                f"{path}:{lineno}: not a tiktoken BPE file (expected 'base64-token rank', "
+                f"got {line[:60]!r})"
+            ) from None
+    if not ranks:
+        raise DataError(f"{path}: tokenizer file has no BPE ranks")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise DataError(f"{path}: BPE ranks are not exactly 0..{len(ranks) - 1}")
+    return ranks
+
+
+def _split_long_runs(text: str) -> Iterator[str]:
+    start = 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
+
+
+def split_for_tiktoken(text: str) -> Iterator[str]:
+    """Cut `text` into pieces tiktoken handles. Pieces of at most MAX_ENCODE_CHARS end, where possible,
+    just before a space, which is where the pre-tokenizer would cut anyway, so ordinary text gets the
+    same ids as one uncut encode; runs longer than MAX_RUN_CHARS are cut every MAX_RUN_CHARS."""
+    start = 0
+    while start < len(text):
+        end = min(start + MAX_ENCODE_CHARS, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space if space > start else end
+        yield from _split_long_runs(text[start:end])
+        start = end
+
+
+class Tokenizer:
+    """Llama 3 tokenizer. `Tokenizer()` loads the file llama-models ships; pass `path` for your own."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_tokenizer_path()
+        ranks = load_bpe_ranks(self.path)
+        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(special_token_names())}
+        self.model = tiktoken.Encoding(
+            name=self.path.name,
+            pat_str=SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words: int = len(ranks) + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.stop_tokens = [self.eos_id, self.eom_id, self.eot_id]
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        """Token ids of `s`, with <|begin_of_text|> / <|end_of_text|> around it if asked. Any length."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        ids = [self.bos_id] if bos else []
+        for piece in split_for_tiktoken(s):
+            ids.extend(self.model.encode_ordinary(piece))  # special-token text stays ordinary text
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD."""
+        return self.model.decode(list(ids))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, n_words={self.n_words})"
