@@ -109,7 +109,8 @@ def train_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
     metrics = MetricRecord({
         "num-examples": data.n_examples,  # FedAvg's n_k: the size of this node's local dataset
         "train-loss": m["train_loss"], "train-perplexity": m["train_perplexity"],
-        "num-tokens": m["num_tokens"], "tokens-per-second": m["tokens_per_second"], "rank": job.rank,
+        "num-tokens": m["num_tokens"], "tokens-per-second": m["tokens_per_second"],
+        "received-parameters": sum(t.numel() for t in model.state_dict().values()),  # the slice, never the model
     })
     return encode(model.state_dict(), job.wire_dtype), metrics
 
@@ -122,4 +123,4 @@ def evaluate_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
     data = local_dataset(cfg, node_config, "eval")
     res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
     return MetricRecord({"num-examples": res["num_tokens"], "slice-loss": res["loss"],
-                         "slice-perplexity": res["perplexity"], "rank": job.rank})
+                         "slice-perplexity": res["perplexity"]})

@@ -1,0 +1,54 @@
+"""A Grid that delivers messages to this app's client logic in the same process.
+
+For tests and benchmarks: the same ServerApp logic (`server.run`), Strategy and client functions as a
+Flower run, without Flower's transport, processes or Ray, so many configurations can be compared side by
+side quickly. Real runs use Flower's own Grid (`flwr run`).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from typing import Any, Callable, Mapping
+
+from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from .client import evaluate_slice, train_slice
+from .config import RunConfig
+
+
+def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
+    """What client_app.py does with one message (kept in step with it)."""
+    if msg.metadata.message_type == MessageType.TRAIN:
+        arrays, metrics = train_slice(msg.content["arrays"], msg.content["config"], cfg, node_config)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    metrics = evaluate_slice(msg.content["arrays"], msg.content["config"], cfg, node_config)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+class InProcessGrid:
+    """Nodes 1..N with the given node configs (e.g. partition-id/num-partitions or data-path)."""
+
+    def __init__(self, node_configs: list[dict[str, Any]], run_config: Mapping[str, Any],
+                 handler: Callable[[Message, RunConfig, Mapping[str, Any]], Message] = handle):
+        if TaskIdentity._run_id is None:  # noqa: SLF001 - Messages need a run id, as in a ServerApp process
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.node_configs = {i + 1: dict(c) for i, c in enumerate(node_configs)}
+        self.cfg = RunConfig.from_run_config(run_config)
+        self.handler = handler
+        self.delivered: list[Message] = []  # every message sent, for inspection
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.delivered.append(msg)
+            try:
+                replies.append(self.handler(msg, self.cfg, self.node_configs[msg.metadata.dst_node_id]))
+            except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower
+                reason = "".join(traceback.format_exception_only(type(e), e)).strip()
+                replies.append(Message(Error(code=2, reason=reason), reply_to=msg))
+        return replies

@@ -1,0 +1,104 @@
+"""The whole server logic (server.run) with the client logic, in-process: outputs, resume, faults."""
+
+import pickle
+
+import pytest
+import torch
+
+from fedtp_flwr.config import ConfigError
+from fedtp_flwr.inprocess import InProcessGrid, handle
+from fedtp_flwr.outputs import load_run_checkpoint
+from fedtp_flwr.server import run
+
+BASE = {"num-server-rounds": 2, "world-size": 2, "local-steps": 2, "batch-size": 2, "max-seq-len": 32,
+        "eval-batches": 2, "max-batch-size": 4, "learning-rate": 1e-3}
+
+
+def nodes(n):
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def go(tmp_path, n_nodes=2, handler=handle, **overrides):
+    cfg = {**BASE, "output-dir": str(tmp_path), **overrides}
+    grid = InProcessGrid(nodes(n_nodes), cfg, handler=handler)
+    run(grid, cfg)
+    return grid
+
+
+def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
+    grid = go(tmp_path)
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    key = (2, 1e-3, False, 2, 42)
+    assert list(results) == [key]
+    rounds = [r for r, _, _ in results[key]]
+    assert rounds == [0, 1, 2]
+    assert results[key][-1][2] < results[key][0][2]
+    lines = (tmp_path / "eval_res_llama32_ws2_r2.txt").read_text().splitlines()
+    assert lines[0].startswith("Round: 0, Loss: ") and ", Perplexity: " in lines[0] and len(lines) == 3
+    ckpt = load_run_checkpoint(tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    assert ckpt["round"] == 2 and ckpt["experiment_key"] == key and ckpt["config"]["world-size"] == 2
+    full = sum(t.numel() for t in ckpt["model_state_dict"].values())
+    for msg in grid.delivered:  # every node got a slice, never the full model
+        sent = sum(a.numel() if hasattr(a, "numel") else int(torch.tensor(a.shape).prod()) for a in msg.content["arrays"].values())
+        assert sent < full
+
+
+def test_results_file_merges_runs(tmp_path):
+    go(tmp_path, **{"num-server-rounds": 1})
+    go(tmp_path, **{"num-server-rounds": 1, "seed": 7})
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    assert set(results) == {(2, 1e-3, False, 1, 42), (2, 1e-3, False, 1, 7)}
+
+
+def test_resume_continues_at_the_next_round_bit_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    go(a, **{"num-server-rounds": 2})
+    # "stop" after round 1: resume from its checkpoint and run round 2 only
+    go(b, **{"num-server-rounds": 2, "resume-from": str(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")})
+    sa = load_run_checkpoint(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")["model_state_dict"]
+    sb = load_run_checkpoint(b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")["model_state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not (b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth").exists()  # round 1 was not rerun
+    lines = (b / "eval_res_llama32_ws2_r2.txt").read_text().splitlines()
+    assert [l.split(",")[0] for l in lines] == ["Round: 0", "Round: 1", "Round: 2"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_world_size(tmp_path):
+    go(tmp_path / "a", **{"num-server-rounds": 1})
+    ckpt = tmp_path / "a" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth"
+    with pytest.raises(ConfigError, match="world-size"):
+        go(tmp_path / "b", **{"world-size": 4, "resume-from": str(ckpt)})
+
+
+def test_a_failing_client_does_not_stop_the_run(tmp_path, caplog):
+    def flaky(msg, cfg, node_config):
+        if node_config["partition-id"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return handle(msg, cfg, node_config)
+
+    go(tmp_path, handler=flaky)
+    assert "dropping reply from node 2" in caplog.text and "simulated" in caplog.text
+    assert "no valid reply for rank(s) [1]" in caplog.text
+    assert (tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth").exists()
+
+
+def test_round_with_too_few_replies_is_skipped(tmp_path, caplog):
+    def broken(msg, cfg, node_config):
+        raise RuntimeError("disk full (simulated)")
+
+    go(tmp_path, handler=broken, **{"num-server-rounds": 1})
+    assert "round skipped" in caplog.text
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    (_, l0, _), (_, l1, _) = results[(2, 1e-3, False, 1, 42)]
+    assert l0 == l1  # global model unchanged
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("world-size", 3, "valid world sizes"),
+    ("learning-rate", -1.0, "learning-rate"),
+    ("strategy", "fedsgd", "strategy"),
+    ("model", "llama9", "model"),
+])
+def test_invalid_config_names_the_key(tmp_path, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        go(tmp_path, **{key: value})
