@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .config import RunConfig
+from .context import build_context_model, rest_from_arrays
 from .data import (DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path, eval_batches,
                    iterate_batches, load_examples, partition_examples)
 from .model import ModelArgs, Transformer, build_model
@@ -35,21 +36,34 @@ class SliceJob:
     args: ModelArgs  # the full model's args
     wire_dtype: str
     proximal_mu: float
+    slice_mode: str = "independent"
+    context_bits: int = 8
+    context_group_size: int = 0
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "SliceJob":
         try:
             return cls(int(config["rank"]), int(config["world-size"]), int(config["server-round"]),
                        ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
-                       float(config.get("proximal-mu", 0.0)))
+                       float(config.get("proximal-mu", 0.0)), str(config.get("slice-mode", "independent")),
+                       int(config.get("context-bits", 8)), int(config.get("context-group-size", 0)))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
 
 
-def build_slice_model(job: SliceJob, arrays: ArrayRecord, device: torch.device) -> Transformer:
-    """The rank's sub-model (same Transformer class, 1/W of the heads and FFN units) holding the slice."""
+def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device) -> Transformer:
+    """Independent mode: the rank's sub-model (the same Transformer class, 1/W of the heads and FFN units).
+    Context mode: the full-width model, its slice and replicated parameters trainable, the rest of the split
+    layers frozen in low-bit form. Either way state_dict() is exactly the slice."""
+    slice_state = decode(content["arrays"], job.wire_dtype, dtype=torch.float32)
+    if job.slice_mode == "context":
+        if "context" not in content:
+            raise ValueError("context mode, but the server's message has no 'context' record")
+        arrays = {k: torch.from_numpy(a.numpy()) for k, a in content["context"].items()}
+        rest = rest_from_arrays(arrays, job.args, job.world_size, job.context_bits, job.context_group_size or None)
+        return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device)
     model = build_model(shard_args(job.args, job.world_size), device=device, seed=None)
-    model.load_state_dict(decode(arrays, job.wire_dtype, dtype=torch.float32), strict=True)
+    model.load_state_dict(slice_state, strict=True)
     return model
 
 
@@ -97,12 +111,11 @@ def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int)
     return (cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**31)
 
 
-def train_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
-                node_config: Mapping[str, Any]) -> tuple[ArrayRecord, MetricRecord]:
-    job = SliceJob.from_config(config)
+def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[ArrayRecord, MetricRecord]:
+    job = SliceJob.from_config(content["config"])
     device = resolve_device(cfg.device)
     data = local_dataset(cfg, node_config, "train")
-    model = build_slice_model(job, arrays, device)
+    model = build_slice_model(job, content, device)
     seed = node_seed(cfg, node_config, job.server_round)
     batches = iterate_batches(data, cfg.batch_size, seed)
     m = train_local(model, batches, train_settings(cfg, job, seed))
@@ -115,11 +128,11 @@ def train_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
     return encode(model.state_dict(), job.wire_dtype), metrics
 
 
-def evaluate_slice(arrays: ArrayRecord, config: ConfigRecord, cfg: RunConfig,
-                   node_config: Mapping[str, Any]) -> MetricRecord:
-    """Slice metrics: this node's sub-model alone on its held-out data (not the merged model's quality)."""
-    job = SliceJob.from_config(config)
-    model = build_slice_model(job, arrays, resolve_device(cfg.device))
+def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> MetricRecord:
+    """Slice metrics: this node's model as it trains (sub-model, or slice in its frozen context) on its
+    held-out data; not the merged model's quality."""
+    job = SliceJob.from_config(content["config"])
+    model = build_slice_model(job, content, resolve_device(cfg.device))
     data = local_dataset(cfg, node_config, "eval")
     res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
     return MetricRecord({"num-examples": res["num_tokens"], "slice-loss": res["loss"],

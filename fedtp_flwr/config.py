@@ -39,6 +39,7 @@ class RunConfig:
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=("float32", "bfloat16", "float16"))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=(4, 8, 16))
+    context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
     # -- model and data
@@ -119,3 +120,18 @@ def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
         bound = f"> {minimum}" if meta["exclusive_min"] else f">= {minimum}"
         raise ConfigError(f"config key {key!r}: {value!r} is not allowed; it must be {bound}")
     return value
+
+
+def markdown_table() -> str:
+    """The README's configuration table (python -m fedtp_flwr.config)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, f in RunConfig.keys().items():
+        d = f.default
+        shown = ("true" if d else "false") if isinstance(d, bool) else (f'"{d}"' if isinstance(d, str) else repr(d))
+        allowed = f" ({', '.join(map(str, f.metadata['choices']))})" if f.metadata["choices"] else ""
+        rows.append(f"| `{key}` | `{shown}` | {f.metadata['help']}{allowed} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -21,9 +21,9 @@ from .config import RunConfig
 def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
     """What client_app.py does with one message (kept in step with it)."""
     if msg.metadata.message_type == MessageType.TRAIN:
-        arrays, metrics = train_slice(msg.content["arrays"], msg.content["config"], cfg, node_config)
+        arrays, metrics = train_slice(msg.content, cfg, node_config)
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-    metrics = evaluate_slice(msg.content["arrays"], msg.content["config"], cfg, node_config)
+    metrics = evaluate_slice(msg.content, cfg, node_config)
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from .aggregation import Contribution, aggregate_slices
 from .config import RunConfig
+from .context import context_rest, quantize_rest, rest_to_arrays
 from .model import ModelArgs
 from .replies import ReplyError, check_reply
 from .sharding import shard, slice_shapes
@@ -70,10 +71,19 @@ class FederatedTensorParallel(Strategy):
 
     # ----------------------------------------------------------------------------------- messages
 
-    def _slice_records(self, arrays: ArrayRecord, ranks: Iterable[int]) -> dict[int, ArrayRecord]:
-        """One ArrayRecord per rank (nodes sharing a rank share it; Flower sends each node its own copy)."""
+    def _slice_records(self, arrays: ArrayRecord, ranks: Iterable[int]) -> dict[int, RecordDict]:
+        """Per rank: its slice ("arrays", trainable) and, in context mode, the frozen rest of the split layers
+        in low-bit form ("context"). Nodes sharing a rank share the records (Flower sends each node a copy)."""
         state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views, no copy of the model
-        return {r: encode(shard(state, self.args, r, self.world_size), self.cfg.wire_dtype) for r in sorted(set(ranks))}
+        out = {}
+        for r in sorted(set(ranks)):
+            records = {"arrays": encode(shard(state, self.args, r, self.world_size), self.cfg.wire_dtype)}
+            if self.cfg.slice_mode == "context":
+                rest = quantize_rest(context_rest(state, self.args, r, self.world_size), self.cfg.context_bits,
+                                     self.cfg.context_group_size or None)
+                records["context"] = ArrayRecord({k: Array(t.numpy()) for k, t in rest_to_arrays(rest).items()})
+            out[r] = records
+        return out
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
                   message_type: str) -> list[Message]:
@@ -85,13 +95,15 @@ class FederatedTensorParallel(Strategy):
         for node in sorted(node_ids):
             cfg = ConfigRecord(dict(config))
             cfg.update({"rank": ranks[node], "world-size": self.world_size, "server-round": server_round,
-                        "model-args": model_args, "wire-dtype": self.cfg.wire_dtype})
-            content = RecordDict({"arrays": records[ranks[node]], "config": cfg})
+                        "model-args": model_args, "wire-dtype": self.cfg.wire_dtype, "slice-mode": self.cfg.slice_mode,
+                        "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size})
+            content = RecordDict({**records[ranks[node]], "config": cfg})
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
-        sent = sum(record_nbytes(records[ranks[n]]) for n in node_ids)
+        sent = sum(record_nbytes(rec) for n in node_ids for rec in records[ranks[n]].values())
         self.bytes_log.setdefault(server_round, {})["sent"] = sent
-        log(INFO, "round %d: node -> rank %s; sending %.1f MB of slices (%s)", server_round,
-            {n: ranks[n] for n in sorted(node_ids)}, sent / 1e6, self.cfg.wire_dtype)
+        log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
+            {n: ranks[n] for n in sorted(node_ids)}, sent / 1e6, self.cfg.wire_dtype,
+            f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
         missing = sorted(set(range(self.world_size)) - set(ranks.values()))
         if missing:
             log(WARNING, "round %d: %d node(s) for world size %d; rank(s) %s get no node and keep their values",

@@ -102,3 +102,19 @@ def test_round_with_too_few_replies_is_skipped(tmp_path, caplog):
 def test_invalid_config_names_the_key(tmp_path, key, value, match):
     with pytest.raises(ConfigError, match=match):
         go(tmp_path, **{key: value})
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_context_mode_sends_the_frozen_rest_and_uploads_only_the_slice(tmp_path, bits):
+    grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": bits})
+    msg = grid.delivered[0]
+    assert "context" in msg.content and msg.content["config"]["slice-mode"] == "context"
+    assert all(k.endswith((":q", ":scale")) for k in msg.content["context"])
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    (_, _, p0), (_, _, p1) = results[(2, 1e-3, False, 1, 42)]
+    assert p1 < p0
+
+
+def test_client_side_slice_evaluation(tmp_path, caplog):
+    go(tmp_path, **{"num-server-rounds": 1, "client-eval": True})
+    assert "slice evaluation (clients)" in caplog.text and "slice-perplexity" in caplog.text

@@ -1,0 +1,447 @@
+"""Local training and evaluation: what a client does with its slice, and how the server scores a model.
+
+A batch is `(inputs, targets)`, int64 tensors [B, T]; targets are inputs shifted by one with
+IGNORE_INDEX (-100) at padding. Every loss here is token-weighted: the sum of the negative log-likelihood
+over the non-ignored target tokens, divided by their number, computed in float32 (`data.loss.token_loss`).
+
+The same code trains the full model, a tensor-parallel slice (the same `Transformer` with fewer heads)
+and a model with frozen parameters: only parameters with `requires_grad` are optimised.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.loss import IGNORE_INDEX, perplexity, token_loss  # the one definition of the loss
+
+__all__ = [
+    "IGNORE_INDEX", "TrainSettings", "add_proximal_grad", "autocast_dtype", "evaluate", "lr_at",
+    "make_optimizer", "param_groups", "resolve_device", "token_loss", "train_local",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class TrainSettings:
+    """Hyperparameters of one client's local training in one round.
+
+    `device` is where the client builds its model (`resolve_device(settings.device)`); `train_local`
+    itself trains wherever the model already lives and moves each batch there.
+    """
+
+    learning_rate: float = 1e-5  # peak learning rate (the seed's default)
+    weight_decay: float = 0.01  # AdamW decoupled decay on linear weights only
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0  # clip the global grad norm; 0 or None turns clipping off
+    lr_schedule: str = "constant"  # "constant" or "cosine", both with optional linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * learning_rate (0 decays to zero)
+    local_steps: int = 10  # optimizer steps per call of train_local
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (autocast)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    seed: int = 42
+    proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_ref||^2 to the objective
+    progress: bool = False  # tqdm bar over local steps
+
+    def __post_init__(self):
+        def bad(field: str, allowed: str):
+            return ValueError(f"TrainSettings.{field}={getattr(self, field)!r} is invalid; allowed: {allowed}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_real(self.learning_rate) or self.learning_rate <= 0:
+            raise bad("learning_rate", "a finite number > 0")
+        if not is_real(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "a finite number >= 0")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in betas):
+            raise bad("betas", "two numbers in [0, 1)")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if not is_real(self.eps) or self.eps <= 0:
+            raise bad("eps", "a finite number > 0")
+        if self.max_grad_norm is not None and (not is_real(self.max_grad_norm) or self.max_grad_norm < 0):
+            raise bad("max_grad_norm", "a finite number >= 0, or None (0 and None turn clipping off)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {LR_SCHEDULES}")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise bad("warmup_steps", "an integer >= 0")
+        if not is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "a number in [0, 1]")
+        if not is_int(self.local_steps) or self.local_steps < 1:
+            raise bad("local_steps", "an integer >= 1")
+        if not is_int(self.grad_accum_steps) or self.grad_accum_steps < 1:
+            raise bad("grad_accum_steps", "an integer >= 1")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {PRECISIONS}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise bad("gradient_checkpointing", "True or False")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
+        if not is_real(self.proximal_mu) or self.proximal_mu < 0:
+            raise bad("proximal_mu", "a finite number >= 0")
+        if not isinstance(self.progress, bool):
+            raise bad("progress", "True or False")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda if available, else cpu. Asking for a GPU that is not there is an error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
+        raise ValueError(f"device {name!r} is invalid; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"device {name!r} was asked for, but this machine has {n} GPU(s)")
+    return device
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """torch.device("cuda") names the current GPU, so it equals "cuda:<current>"."""
+    def norm(d):
+        return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+    return norm(a) == norm(b)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32 (no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is invalid; allowed: {PRECISIONS}")
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+def _check_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{where}: a batch must be a tuple (inputs, targets), got {type(batch).__name__}")
+    inputs, targets = batch
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+            is_tensor = isinstance(t, torch.Tensor)
+            desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if is_tensor else type(t).__name__
+            raise TypeError(f"{where}: {name} must be an int64 tensor [B, T], got {desc}")
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"{where}: inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ in shape"
+        )
+    return inputs, targets
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def param_groups(model: nn.Module, weight_decay: float, trainable: Optional[set[str]] = None) -> list[dict]:
+    """AdamW groups: decay on nn.Linear weights (attention, FFN and output), none on everything else
+    (RMSNorm weights, tok_embeddings). Only parameters with requires_grad, and in `trainable` when given.
+    Each group carries "names" (parameter names) for inspection; torch ignores the extra key."""
+    named = dict(model.named_parameters())
+    if trainable is not None:
+        unknown = sorted(set(trainable) - set(named))
+        if unknown:
+            raise ValueError(f"trainable names {unknown[:5]} are not parameters of the model")
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = ([], []), ([], [])
+    for name, p in named.items():
+        if not p.requires_grad or (trainable is not None and name not in trainable):
+            continue
+        group = decay if id(p) in linear_weights and id(p) not in embeddings else no_decay
+        group[0].append(name)
+        group[1].append(p)
+    groups = [
+        {"params": params, "names": names, "weight_decay": wd}
+        for (names, params), wd in ((decay, weight_decay), (no_decay, 0.0))
+        if params
+    ]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (requires_grad and in `trainable`)")
+    return groups
+
+
+def make_optimizer(
+    model: nn.Module, settings: TrainSettings, trainable: Optional[set[str]] = None
+) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `param_groups`, with torch's default AdamW semantics. Uses the fused
+    kernel where this torch has one for the parameters' device and dtype, else the foreach one."""
+    groups = param_groups(model, settings.weight_decay, trainable)
+    kwargs = dict(lr=settings.learning_rate, betas=settings.betas, eps=settings.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+# -------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, settings: TrainSettings, total_steps: Optional[int] = None) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total_steps` (default settings.local_steps).
+
+    Warmup: linear, lr * (step + 1) / warmup_steps for the first warmup_steps steps, so step 0 already
+    moves. Then "constant" holds lr; "cosine" follows half a cosine from lr at the end of warmup towards
+    min_lr_ratio * lr, reached at step total_steps (so the last step is still above the floor) and held
+    beyond. The floor defaults to 10% of the peak, not 0: a schedule that restarts every round should not
+    spend the tail of every round at a learning rate near zero.
+    """
+    lr, warmup = settings.learning_rate, settings.warmup_steps
+    total = settings.local_steps if total_steps is None else total_steps
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if settings.lr_schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = settings.min_lr_ratio * lr
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- FedProx
+
+
+def _prox_pairs(
+    model: nn.Module, params: list[nn.Parameter], reference: dict[str, torch.Tensor]
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, reference) for each name in `reference` whose parameter is being optimised."""
+    named = dict(model.named_parameters())
+    unknown = sorted(set(reference) - set(named))
+    if unknown:
+        raise KeyError(f"prox_reference names {unknown[:5]} are not parameters of the model")
+    optimised = {id(p) for p in params}
+    pairs = []
+    for name, ref in reference.items():
+        p = named[name]
+        if id(p) not in optimised:
+            continue
+        if ref.shape != p.shape:
+            raise ValueError(
+                f"prox_reference[{name!r}] has shape {tuple(ref.shape)}, the parameter {tuple(p.shape)}"
+            )
+        if ref.device == p.device and ref.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            raise ValueError(
+                f"prox_reference[{name!r}] shares memory with the parameter it anchors (a state_dict() "
+                "view?), so the proximal term would always be zero; pass a copy (.clone())"
+            )
+        pairs.append((p, ref.detach().to(p.device)))
+    return pairs
+
+
+@torch.no_grad()
+def add_proximal_grad(pairs: list[tuple[nn.Parameter, torch.Tensor]], mu: float) -> None:
+    """grad += mu * (w - w_ref): the gradient of mu/2 * ||w - w_ref||^2, added once per optimizer step
+    (no autograd graph, no extra forward)."""
+    for p, ref in pairs:
+        delta = (p - ref).mul_(mu) if p.dtype == ref.dtype else (p.float() - ref.float()).mul_(mu)
+        if p.grad is None:
+            p.grad = delta.to(p.dtype)
+        else:
+            p.grad.add_(delta.to(p.grad.dtype))
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_local(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    settings: TrainSettings,
+    prox_reference: Optional[dict[str, torch.Tensor]] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+) -> dict:
+    """Run settings.local_steps AdamW steps on `model` where it lives, pulling
+    local_steps * grad_accum_steps micro-batches from `batches`.
+
+    Token weighting: each optimizer step minimises the mean NLL over all non-ignored target tokens of its
+    grad_accum_steps micro-batches. The step's micro-batches are pulled first (token ids only, cheap), their
+    tokens counted, and each micro-batch's backward uses sum_nll / (tokens of the whole step). So a step
+    over micro-batches b1, b2 gives exactly the gradient of one batch cat(b1, b2), whatever the padding;
+    averaging per-micro-batch means instead would over-weight the tokens of short micro-batches.
+
+    FedProx: with proximal_mu > 0 the objective gains mu/2 * sum ||w - w_ref||^2 over the parameters named
+    in `prox_reference` (default: a copy of the trainable weights at the start of this call, i.e. the
+    weights the server sent); its gradient is added before clipping. The reported loss excludes it.
+
+    `optimizer` defaults to a fresh `make_optimizer(model, settings)` (client optimizer state does not
+    survive a round); pass one to optimise a subset or to keep state. Only its parameters are clipped.
+
+    The seed fixes torch's RNG inside this call (forked: the caller's RNG state is left as it was). The
+    Llama model has no stochastic layer, so for it the result depends only on the weights and the batches.
+
+    Returns train_loss (token-weighted mean CE of all micro-batches), train_perplexity, num_tokens
+    (non-ignored target tokens), num_examples (sequences), steps, seconds, tokens_per_second.
+    """
+    device = _model_device(model)
+    amp_dtype = autocast_dtype(settings.precision, device)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, settings)
+    params = _optimizer_params(optimizer)
+    pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if settings.proximal_mu > 0:
+        if prox_reference is None:
+            named = {id(p): n for n, p in model.named_parameters()}
+            prox_reference = {named[id(p)]: p.detach().clone() for p in params}
+        pairs = _prox_pairs(model, params, prox_reference)
+    clip = settings.max_grad_norm or 0.0
+    was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", False)
+    model.train()
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = settings.gradient_checkpointing
+
+    total_nll, total_tokens, total_examples = 0.0, 0, 0
+    rng_devices = []  # CUDA generators to fork besides the CPU one
+    if device.type == "cuda":
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(settings.seed)
+            bar = tqdm(range(settings.local_steps), desc="local training", disable=not settings.progress, leave=False)
+            for step in bar:  # the bar closes itself when the loop ends or raises
+                micro = [_next_batch(batches, step, i, settings) for i in range(settings.grad_accum_steps)]
+                step_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)
+                if step_tokens == 0:
+                    raise ValueError(f"local step {step + 1}: its micro-batches hold no target tokens (all padding)")
+                lr = lr_at(step, settings)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.zero_grad(set_to_none=True)
+                step_nll = torch.zeros((), device=device)
+                for inputs, targets in micro:
+                    inputs = inputs.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    with _autocast(device, amp_dtype):
+                        logits = model(inputs)
+                    nll, _ = token_loss(logits, targets)
+                    (nll / step_tokens).backward()
+                    step_nll += nll.detach()
+                    total_examples += inputs.shape[0]
+                if pairs:
+                    add_proximal_grad(pairs, settings.proximal_mu)
+                no_clip = torch.zeros((), device=device)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else no_clip
+                nll_value, norm_value = torch.stack([step_nll, grad_norm.to(step_nll)]).tolist()  # one sync a step
+                if not (math.isfinite(nll_value) and math.isfinite(norm_value)):
+                    raise FloatingPointError(
+                        f"non-finite training loss or gradient at local step {step + 1}/{settings.local_steps} "
+                        f"(mean loss {nll_value / step_tokens}, grad norm {norm_value}, lr {lr:.3g}); the weights "
+                        "were not updated. Try a lower learning_rate, precision='fp32' or max_grad_norm > 0."
+                    )
+                optimizer.step()
+                total_nll += nll_value
+                total_tokens += step_tokens
+                bar.set_postfix(loss=f"{nll_value / step_tokens:.4f}", lr=f"{lr:.2e}")
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = was_checkpointing
+    seconds = time.perf_counter() - start
+    loss = total_nll / total_tokens
+    return {
+        "train_loss": loss,
+        "train_perplexity": perplexity(total_nll, total_tokens),
+        "num_tokens": total_tokens,
+        "num_examples": total_examples,
+        "steps": settings.local_steps,
+        "seconds": seconds,
+        "tokens_per_second": total_tokens / seconds if seconds > 0 else float("inf"),
+    }
+
+
+def _next_batch(batches: Iterator, step: int, micro: int, settings: TrainSettings):
+    try:
+        batch = next(batches)
+    except StopIteration:
+        needed = settings.local_steps * settings.grad_accum_steps
+        got = step * settings.grad_accum_steps + micro
+        raise ValueError(
+            f"the batch iterator ran out after {got} micro-batches; train_local needs local_steps * "
+            f"grad_accum_steps = {needed} (pass an endless iterator, e.g. one that cycles over the data)"
+        ) from None
+    return _check_batch(batch, f"local step {step + 1}, micro-batch {micro + 1}")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: Optional[str | torch.device] = None,
+    precision: str = "auto",
+) -> dict:
+    """Token-weighted mean CE over the non-ignored target tokens of all `batches`, and exp of it.
+
+    `device`: where to evaluate (default: where the model is). A model elsewhere is moved there for the
+    evaluation and moved back afterwards. The model is put in eval mode and its previous mode restored.
+    """
+    home = _model_device(model)
+    target = home if device is None else resolve_device(device)
+    amp_dtype = autocast_dtype(precision, target)
+    was_training = model.training
+    moved = not _same_device(target, home)
+    if moved:
+        model.to(target)
+    model.eval()
+    sum_nll = torch.zeros((), dtype=torch.float64, device=target)
+    n_tokens = 0
+    try:
+        for i, batch in enumerate(batches):
+            inputs, targets = _check_batch(batch, f"evaluation batch {i + 1}")
+            n_tokens += int((targets != IGNORE_INDEX).sum())
+            inputs, targets = inputs.to(target, non_blocking=True), targets.to(target, non_blocking=True)
+            with _autocast(target, amp_dtype):
+                logits = model(inputs)
+            sum_nll += token_loss(logits, targets)[0].double()
+    finally:
+        model.train(was_training)
+        if moved:
+            model.to(home)
+    if n_tokens == 0:
+        raise ValueError("evaluate: the batches hold no target tokens (empty, or all padding)")
+    total = sum_nll.item()
+    return {"loss": total / n_tokens, "perplexity": perplexity(total, n_tokens), "num_tokens": n_tokens}

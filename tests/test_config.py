@@ -1,0 +1,57 @@
+"""The run config: one typed object, in step with pyproject.toml and the README."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtp_flwr.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_declares_every_key_with_the_same_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_dict()
+    assert set(declared) == set(defaults)
+    for key, value in declared.items():
+        assert value == defaults[key] and type(value) is type(defaults[key]), key
+    assert RunConfig.from_run_config(declared) == RunConfig()
+
+
+def test_readme_lists_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in RunConfig.keys() if f"`{k}`" not in readme]
+    assert not missing
+
+
+def test_3b_recipe_parses():
+    recipe = tomllib.loads((ROOT / "configs" / "llama32-3b.toml").read_text())
+    cfg = RunConfig.from_run_config(recipe)
+    assert cfg.model == "llama3.2-3b" and cfg.learning_rate == 1e-5 and cfg.world_size == 2
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("world-size", "2", "expected int"),
+    ("learning-rate", -1e-5, "must be > 0.0"),
+    ("learning-rate", 0, "must be > 0.0"),
+    ("strategy", "fedsgd", "choose one of"),
+    ("enable-swapping", 1, "expected bool"),
+    ("wire-dtype", "int8", "choose one of"),
+    ("context-bits", 2, "choose one of"),
+    ("local-steps", 0, ">= 1"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(key, value, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        RunConfig.from_run_config({key: value})
+    assert repr(key) in str(e.value)
+
+
+def test_integer_is_accepted_for_a_float_key():
+    # TOML `learning-rate = 1` arrives as an int
+    assert RunConfig.from_run_config({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RunConfig.from_run_config({"learning_rate": 1e-3})
