@@ -1,0 +1,331 @@
+"""Checks of tests/flower_harness.py against a toy Flower app generated into tmp_path.
+
+The toy app needs only flwr and numpy (no torch): a FedAvg ServerApp over a 4-float
+ArrayRecord and a ClientApp whose ``train`` adds ``1 + partition-id``. Run-config switches
+make the ServerApp or the ClientApp raise, to check how failures surface.
+
+Every test is also checked for leftover Flower/Ray processes (see ``no_leftovers``).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+try:
+    import flower_harness as fh
+except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
+    from tests import flower_harness as fh  # type: ignore[no-redef]
+
+TOY_FILES = {
+    "pyproject.toml": """
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+
+        [project]
+        name = "toyapp"
+        version = "1.0.0"
+        description = "Toy Flower app for the harness tests"
+        license = "Apache-2.0"
+        dependencies = ["flwr>=1.42.0"]
+
+        [tool.hatch.build.targets.wheel]
+        packages = ["."]
+
+        [tool.flwr.app]
+        publisher = "fedtp"
+
+        [tool.flwr.app.components]
+        serverapp = "toyapp.server_app:app"
+        clientapp = "toyapp.client_app:app"
+
+        [tool.flwr.app.config]
+        num-server-rounds = 2
+        min-nodes = 2
+        fail-server = false
+        fail-client = false
+    """,
+    "toyapp/__init__.py": "",
+    "toyapp/server_app.py": """
+        import numpy as np
+        from flwr.app import ArrayRecord, ConfigRecord, Context
+        from flwr.serverapp import Grid, ServerApp
+        from flwr.serverapp.strategy import FedAvg
+
+        app = ServerApp()
+
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            cfg = context.run_config
+            if cfg["fail-server"]:
+                raise RuntimeError("TOY-SERVER-FAILURE requested")
+            rounds = int(cfg["num-server-rounds"])
+            min_nodes = int(cfg["min-nodes"])
+            strategy = FedAvg(
+                fraction_evaluate=0.0,
+                min_train_nodes=min_nodes,
+                min_available_nodes=min_nodes,
+            )
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord([np.zeros(4, dtype=np.float32)]),
+                num_rounds=rounds,
+                train_config=ConfigRecord({"lr": 0.5}),
+                timeout=120,
+            )
+            arrays = result.arrays.to_numpy_ndarrays()
+            value = float(arrays[0][0]) if arrays else float("nan")
+            print(f"TOY-FINAL rounds={rounds} value={value:.4f}", flush=True)
+    """,
+    "toyapp/client_app.py": """
+        from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+        from flwr.clientapp import ClientApp
+
+        app = ClientApp()
+
+
+        @app.train()
+        def train(msg: Message, context: Context) -> Message:
+            if context.run_config["fail-client"]:
+                raise RuntimeError("TOY-CLIENT-FAILURE requested")
+            pid = int(context.node_config.get("partition-id", 0))
+            data = context.node_config.get("data-path", "-")
+            arr = msg.content["arrays"].to_numpy_ndarrays()[0] + 1.0 + pid
+            print(f"TOY-TRAIN partition-id={pid} data-path={data}", flush=True)
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord([arr]),
+                    "metrics": MetricRecord({"num-examples": 10, "loss": float(pid)}),
+                }
+            )
+            return Message(content=content, reply_to=msg)
+    """,
+}
+
+
+def write_toy_app(directory: Path) -> Path:
+    for rel, text in TOY_FILES.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def toy_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_app(tmp_path_factory.mktemp("toyapp"))
+
+
+MARKER = "FEDTP_HARNESS_TEST_ID"
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(monkeypatch: pytest.MonkeyPatch):
+    """Fail a test that leaves Flower/Ray processes behind.
+
+    Other workers may run Flower on this machine at the same time, so a plain
+    ``pgrep -f`` before/after diff is narrowed to processes carrying this test's marker
+    (an environment variable every process the harness starts inherits).
+    """
+    test_id = uuid.uuid4().hex
+    monkeypatch.setenv(MARKER, test_id)
+    before = fh.flower_processes()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        ours = fh.processes_with_env(MARKER, test_id)
+        new = {p: c for p, c in fh.flower_processes().items() if p not in before}
+        new_ours = {p: c for p, c in new.items() if p in ours}
+        if not ours and not new_ours:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes left behind: {ours or new_ours}")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Quick checks (no Flower processes)
+# --------------------------------------------------------------------------------------
+def test_toml_value_and_kv() -> None:
+    assert fh.toml_value(True) == "true"
+    assert fh.toml_value(3) == "3"
+    assert fh.toml_value(0.5) == "0.5"
+    assert fh.toml_value('a "b"') == '"a \\"b\\""'
+    assert fh._kv_string({"partition-id": 0, "data-path": "/x.jsonl"}) == (
+        'partition-id=0 data-path="/x.jsonl"'
+    )
+
+
+def test_free_port_is_loopback_bindable() -> None:
+    import socket
+
+    port = fh.free_port()
+    assert 20000 <= port <= 32000
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_loopback_classification() -> None:
+    for addr in ("127.0.0.1:1", "[::ffff:127.0.0.1]:33031", "[::1]:5"):
+        assert fh._is_loopback(addr), addr
+    for addr in ("0.0.0.0:2024", "*:80", "[::]:80", "10.0.0.2:9"):
+        assert not fh._is_loopback(addr), addr
+
+
+def test_unknown_run_config_key_is_named(toy_app: Path) -> None:
+    fh.check_run_config_keys(toy_app, {"num-server-rounds": 1, "fail-client": True})
+    with pytest.raises(fh.HarnessError, match="no-such-key"):
+        fh.check_run_config_keys(toy_app, {"no-such-key": 1})
+
+
+def test_federations_section_is_refused(tmp_path: Path) -> None:
+    app = write_toy_app(tmp_path / "app")
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text() + '\n[tool.flwr.federations]\ndefault = "local"\n'
+    )
+    before = pyproject.read_text()
+    with pytest.raises(fh.HarnessError, match="federations"):
+        fh.run_simulation(app, timeout_s=30)
+    assert pyproject.read_text() == before
+
+
+def test_tls_files_and_node_keys(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    tls = fh.make_tls_certificates(tmp_path / "certs")
+    cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    priv, pub = fh.make_node_keypair(tmp_path / "keys", "node0")
+    assert load_ssh_private_key(priv.read_bytes(), None).curve.name == "secp384r1"
+    assert load_ssh_public_key(pub.read_bytes()).curve.name == "secp384r1"
+    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+# --------------------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------------------
+def test_simulation_completes(toy_app: Path, tmp_path: Path) -> None:
+    res = fh.run_simulation(
+        toy_app,
+        {"num-server-rounds": 2},
+        num_supernodes=2,
+        client_cpus=1,
+        timeout_s=180,
+        workdir=tmp_path / "sim",
+    )
+    res.assert_ok()
+    assert res.returncode == 0 and not res.timed_out
+    # 2 rounds x 2 clients; each client adds 1 + partition-id: 0 -> (1+2)/2 -> 3.0
+    assert "TOY-FINAL rounds=2 value=3.0000" in res.log_text, res.describe()
+    # ClientApp prints come through Ray's log forwarding (RAY_DEDUP_LOGS=0 keeps repeats);
+    # don't count them exactly, forwarding is asynchronous.
+    assert "TOY-TRAIN partition-id=0" in res.log_text
+    assert "TOY-TRAIN partition-id=1" in res.log_text
+    assert "Starting local SuperLink" in res.stream_text
+    assert res.superlink_log  # the SuperLink's own log file was read
+    # Everything (SuperLink, flwr-simulation, Ray's gcs_server/raylet/workers) listened on
+    # loopback only.
+    names = {name for _addr, name in res.listeners}
+    assert "flower-superlin" in names and {"raylet", "gcs_server"} & names, res.listeners
+    assert res.non_loopback_listeners == []
+
+
+def test_simulation_failure_is_reported(toy_app: Path) -> None:
+    res = fh.run_simulation(toy_app, {"fail-server": True}, timeout_s=180)
+    # `flwr run --stream` succeeds although the ServerApp raised: only the status says so
+    assert res.returncode == 0
+    assert res.status == "finished:failed"
+    assert not res.ok
+    assert "TOY-SERVER-FAILURE" in res.status_details
+    assert "TOY-SERVER-FAILURE" in res.log_text and "Exit Code: 700" in res.log_text
+
+
+# --------------------------------------------------------------------------------------
+# Deployment
+# --------------------------------------------------------------------------------------
+def test_deployment_two_supernodes(toy_app: Path, tmp_path: Path) -> None:
+    node_configs = [
+        {"partition-id": i, "num-partitions": 2, "data-path": f"/data/part{i}.jsonl"}
+        for i in range(2)
+    ]
+    with fh.Deployment(
+        num_supernodes=2, node_configs=node_configs, workdir=tmp_path / "dep"
+    ) as dep:
+        nodes = dep.list_nodes()
+        assert sum(nd["status"] == "online" for nd in nodes) == 2
+
+        res = dep.run(toy_app, {"num-server-rounds": 2}, timeout_s=180)
+        res.assert_ok()
+        assert (dep.address, "flower-superlin") in res.listeners
+        assert res.non_loopback_listeners == []
+        assert "TOY-FINAL rounds=2 value=3.0000" in res.log_text, res.describe()
+        for i, node in enumerate(dep.supernodes):
+            # ClientApp output goes to the SuperNode's output, not to `flwr log`
+            line = f"TOY-TRAIN partition-id={i} data-path=/data/part{i}.jsonl"
+            assert node.output.count(line) == 2, node.output[-3000:]
+
+        # A ClientApp exception: FedAvg gets error replies; the traceback is on the node
+        res = dep.run(toy_app, {"num-server-rounds": 1, "fail-client": True}, timeout_s=180)
+        assert res.ok, res.describe()
+        assert "Received 0 results and 2 failures" in res.log_text, res.describe()
+        assert "TOY-CLIENT-FAILURE" in dep.supernodes[0].output
+
+        # Fault injection: SIGKILL a SuperNode with its SuperExec/ClientApp processes
+        dep.kill_supernode(1)
+        assert not dep.supernodes[1].is_running()
+        assert dep.supernodes[1].returncode == -9
+        assert not fh.find_tagged_processes(dep.tag, role="supernode-1")
+        assert dep.supernodes[0].is_running()
+    assert dep.survivors == {}
+    assert (tmp_path / "dep" / "logs" / "superlink.log").is_file()
+
+
+def test_deployment_tls_and_supernode_auth(toy_app: Path) -> None:
+    with fh.Deployment(tls=True, supernode_auth=True) as dep:
+        assert "--ssl-certfile" in dep.superlink.args
+        good = dep.start_supernode({"partition-id": 0, "num-partitions": 1})
+        assert good.extra["registration"]["success"]
+
+        bad = dep.start_unregistered_supernode({"partition-id": 1, "num-partitions": 2})
+        assert bad.returncode is not None and bad.returncode != 0, bad.output[-2000:]
+        assert "Failed to activate SuperNode" in bad.output
+
+        online = [nd for nd in dep.list_nodes() if nd["status"] == "online"]
+        assert len(online) == 1
+
+        res = dep.run(toy_app, {"num-server-rounds": 1, "min-nodes": 1}, timeout_s=180)
+        res.assert_ok()
+        assert "TOY-FINAL rounds=1 value=1.0000" in res.log_text, res.describe()
+        assert good.output.count("TOY-TRAIN partition-id=0") == 1
+        assert "TOY-TRAIN" not in bad.output
+
+        # A run that cannot finish (waits for a 2nd node): timeout -> `flwr stop`
+        res = dep.run(toy_app, {"num-server-rounds": 1, "min-nodes": 2}, timeout_s=10)
+        assert res.timed_out and res.returncode is None
+        assert res.status == "finished:stopped", res.describe()
+        assert "Waiting for nodes to connect" in res.log_text
+    # the workdir was a temp dir and is gone, but the outputs were kept
+    assert not dep.workdir.exists()
+    assert "Failed to activate SuperNode" in dep.output(bad.name)
+
+
+def test_marker_env_reaches_children() -> None:
+    """The leftover check relies on the marker being inherited by started processes."""
+    with fh.Deployment() as dep:
+        procs = fh.find_tagged_processes(dep.tag)
+        assert dep.superlink.pid in procs
+        assert fh.processes_with_env(MARKER, os.environ[MARKER])
