@@ -1,0 +1,43 @@
+"""Export a run checkpoint to Hugging Face or Meta format.
+
+    python -m fedtp_flwr.export outputs/checkpoints/llama32_tiny_ws2_lr0.001_round3.pth out/hf --format hf
+    python -m fedtp_flwr.export <checkpoint.pth> out/meta --format meta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import export_hf, save_meta_checkpoint
+from .model import ModelArgs
+from .outputs import load_run_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_run_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "hf", dtype: str = "bfloat16") -> Path:
+    ckpt = load_run_checkpoint(path)
+    args = ModelArgs.from_params(json.loads(ckpt["config"]["model-args"]))
+    state = {k: v.to(DTYPES[dtype]) for k, v in ckpt["model_state_dict"].items()}
+    if fmt == "hf":
+        return export_hf(state, args, out_dir)
+    return save_meta_checkpoint(state, args, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a .pth written by a fedtp-flwr run")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=("hf", "meta"), default="hf")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    a = p.parse_args(argv)
+    out = export_run_checkpoint(a.checkpoint, a.out_dir, a.format, a.dtype)
+    print(f"wrote {a.format} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()
