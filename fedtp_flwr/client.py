@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from .config import RunConfig
 from .context import build_context_model, rest_from_arrays
-from .data import (DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path, eval_batches,
-                   iterate_batches, load_examples, partition_examples)
+from .data import (ByteTokenizer, DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path,
+                   eval_batches, iterate_batches, load_examples, load_tokenizer, partition_examples)
 from .model import ModelArgs, Transformer, build_model
 from .sharding import shard_args
 from .training import TrainSettings, evaluate, resolve_device, train_local
-from .wire import decode, encode
+from .wire import decode, encode, record_nbytes
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device) 
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str) -> Tokenizer:
-    return Tokenizer(path or None)
+def _tokenizer(path: str) -> Tokenizer | ByteTokenizer:
+    return load_tokenizer(path or None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -116,6 +119,11 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     device = resolve_device(cfg.device)
     data = local_dataset(cfg, node_config, "train")
     model = build_slice_model(job, content, device)
+    received = content["arrays"]  # what this node was sent: its slice (it has just loaded into the sub-model)
+    n_received = sum(math.prod(a.shape) for a in received.values())
+    log(INFO, "round %d: received the rank %d/%d slice: %d parameters in %d arrays (%.1f MB %s); training on %s, "
+        "%d local examples", job.server_round, job.rank, job.world_size, n_received, len(received),
+        record_nbytes(received) / 1e6, job.wire_dtype, device, data.n_examples)
     seed = node_seed(cfg, node_config, job.server_round)
     batches = iterate_batches(data, cfg.batch_size, seed)
     m = train_local(model, batches, train_settings(cfg, job, seed))

@@ -45,7 +45,7 @@ class RunConfig:
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
     checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")
-    tokenizer_path: str = _key("tokenizer-path", "", "tokenizer.model file; empty: the one llama-models ships")
+    tokenizer_path: str = _key("tokenizer-path", "", 'tokenizer.model file, or "bytes" (UTF-8 bytes, 260 ids, for small models); empty: the one llama-models ships')
     train_data: str = _key("train-data", "", "training .txt/.jsonl file or directory; empty: the built-in corpus")
     eval_data: str = _key("eval-data", "", "held-out .txt/.jsonl file or directory; empty: the built-in corpus")
     partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=("iid", "by-source"))

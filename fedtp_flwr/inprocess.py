@@ -38,6 +38,7 @@ class InProcessGrid:
         self.cfg = RunConfig.from_run_config(run_config)
         self.handler = handler
         self.delivered: list[Message] = []  # every message sent, for inspection
+        self.replies: list[Message] = []  # every reply (error replies included), in the same order
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
@@ -51,4 +52,5 @@ class InProcessGrid:
             except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower
                 reason = "".join(traceback.format_exception_only(type(e), e)).strip()
                 replies.append(Message(Error(code=2, reason=reason), reply_to=msg))
+        self.replies.extend(replies)
         return replies

@@ -116,6 +116,14 @@ PRESETS: dict[str, dict] = {
         ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
         max_seq_len=2048,
     ),
+    # Byte-level model for CPU experiments (tokenizer-path "bytes"): 3.1M parameters, 96% of them split,
+    # unlike the 128k-vocabulary presets whose small versions are nearly all embeddings. W in 1, 2, 4.
+    "bytes-small": dict(
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+        vocab_size=260,  # data.ByteTokenizer().n_words: 256 bytes + 4 special tokens
+        multiple_of=64, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+        max_seq_len=1024,
+    ),
 }
 
 

@@ -14,7 +14,7 @@ from flwr.supercore import log
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
-from .data import Tokenizer, build_dataset, builtin_corpus_path, eval_batches, load_examples
+from .data import build_dataset, builtin_corpus_path, eval_batches, load_examples, load_tokenizer
 from .model import ModelArgs, build_model, preset_args
 from .outputs import RunOutputs, load_run_checkpoint
 from .sharding import check_world_size
@@ -71,7 +71,11 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     device = resolve_device(cfg.device)
 
     # Held-out data and a model to evaluate the merged weights in (built once, reloaded each round).
-    tokenizer = Tokenizer(cfg.tokenizer_path or None)
+    tokenizer = load_tokenizer(cfg.tokenizer_path or None)
+    if tokenizer.n_words > args.vocab_size:
+        raise ConfigError(f"config key 'tokenizer-path': the tokenizer ({tokenizer!r}) has {tokenizer.n_words} ids, "
+                          f"more than the model's vocab_size {args.vocab_size} (config key 'model' / "
+                          f"'checkpoint-dir': {model_name(cfg)})")
     eval_path = cfg.eval_data or str(builtin_corpus_path("eval"))
     held_out = build_dataset(load_examples(eval_path), tokenizer, cfg.max_seq_len, pack=cfg.packing)
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)

@@ -68,6 +68,9 @@ class FederatedTensorParallel(Strategy):
         self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
         self.current: ArrayRecord | None = None  # the global model sent out this round
         self.bytes_log: dict[int, dict[str, int]] = {}
+        # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
+        # only what is needed to tell which node a reply the SuperLink wrote for it stands for.
+        self._sent: dict[int, list] = {}
 
     # ----------------------------------------------------------------------------------- messages
 
@@ -99,6 +102,8 @@ class FederatedTensorParallel(Strategy):
                         "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size})
             content = RecordDict({**records[ranks[node]], "config": cfg})
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+        if message_type == MessageType.TRAIN:
+            self._sent = {server_round: [m.metadata for m in messages]}
         sent = sum(record_nbytes(rec) for n in node_ids for rec in records[ranks[n]].values())
         self.bytes_log.setdefault(server_round, {})["sent"] = sent
         log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
@@ -124,9 +129,15 @@ class FederatedTensorParallel(Strategy):
 
     def _valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, int, dict, float]]:
         ranks = self.ranks.get(server_round, {})
-        good, received = [], 0
+        # A node the SuperLink lost (no heartbeat) is answered for by the SuperLink itself: an error reply with
+        # the SuperLink's node id. Name the node it was meant for, from the message it replies to.
+        sent_to = {md.message_id: md.dst_node_id for md in self._sent.get(server_round, []) if md.message_id}
+        good, received, answered = [], 0, set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node not in ranks and msg.has_error():
+                node = sent_to.get(msg.metadata.reply_to_message_id, node)
+            answered.add(node)
             if not msg.has_error() and "arrays" in msg.content and isinstance(msg.content["arrays"], ArrayRecord):
                 received += record_nbytes(msg.content["arrays"])
             try:
@@ -137,6 +148,9 @@ class FederatedTensorParallel(Strategy):
                 log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node), e)
                 continue
             good.append((msg, ranks[node], state, n))
+        for node in sorted(set(ranks) - answered):
+            log(WARNING, "round %d: no reply from node %d (rank %d) within round-timeout %g s", server_round, node,
+                ranks[node], self.cfg.round_timeout)
         self.bytes_log.setdefault(server_round, {})["received"] = received
         log(INFO, "round %d: %d valid repl%s, %.1f MB received", server_round, len(good),
             "y" if len(good) == 1 else "ies", received / 1e6)

@@ -118,3 +118,54 @@ def test_custom_tokenizer_file(tmp_path):
     tiny = Tokenizer(path)
     assert (tiny.n_words, tiny.bos_id, tiny.pad_id) == (512, 256, 260)
     assert tiny.encode("hi", bos=True, eos=False) == [256, ord("h"), ord("i")]
+
+
+# ------------------------------------------------------------------------------------ byte tokenizer
+
+
+@pytest.mark.parametrize("text", ["", "Hello, world!", "naïve café 日本語 🤖", "tab\tnew\nline \x00 end"])
+def test_byte_tokenizer_round_trips_utf8(text):
+    from fedtp_flwr.data import ByteTokenizer
+
+    bt = ByteTokenizer()
+    ids = bt.encode(text, bos=False, eos=False)
+    assert ids == list(text.encode("utf-8")) and all(0 <= i < 256 for i in ids)
+    assert bt.decode(ids) == text
+    assert bt.encode(text, bos=True, eos=True) == [bt.bos_id, *ids, bt.eos_id]
+
+
+def test_byte_tokenizer_special_ids():
+    from fedtp_flwr.data import ByteTokenizer
+
+    bt = ByteTokenizer()
+    assert bt.n_words == 260
+    assert (bt.bos_id, bt.eos_id, bt.pad_id, bt.eot_id) == (256, 257, 258, 259)
+    assert bt.decode([bt.bos_id, 104, 105, bt.eos_id]) == "<|begin_of_text|>hi<|end_of_text|>"
+    assert bt.encode("<|eot_id|>", bos=False, eos=False) == list(b"<|eot_id|>")  # text, not the special id
+    assert bt.decode([0xC3]) == "\ufffd"  # a cut UTF-8 sequence
+    with pytest.raises(ValueError, match="260"):
+        bt.decode([260])
+
+
+def test_load_tokenizer_selects_bytes_or_a_tiktoken_file():
+    from fedtp_flwr.data import ByteTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    assert isinstance(load_tokenizer(None), Tokenizer) and isinstance(load_tokenizer(""), Tokenizer)
+
+
+def test_bytes_small_preset_matches_the_byte_tokenizer():
+    from fedtp_flwr.data import ByteTokenizer
+    from fedtp_flwr.model import preset_args
+
+    assert preset_args("bytes-small").vocab_size == ByteTokenizer().n_words
+
+
+def test_server_refuses_a_model_smaller_than_the_tokenizer(tmp_path):
+    from fedtp_flwr.config import ConfigError
+    from fedtp_flwr.inprocess import InProcessGrid
+    from fedtp_flwr.server import run
+
+    cfg = {"model": "bytes-small", "tokenizer-path": "", "output-dir": str(tmp_path), "num-server-rounds": 1}
+    with pytest.raises(ConfigError, match="tokenizer-path.*128256.*vocab_size 260"):
+        run(InProcessGrid([{"partition-id": 0, "num-partitions": 1}], cfg), cfg)

@@ -13,11 +13,12 @@ from .errors import DataError
 from .files import Example, load_examples
 from .loss import IGNORE_INDEX, perplexity, token_loss
 from .partition import partition_examples
-from .tokenizer import Tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
     "Batch",
+    "ByteTokenizer",
     "DataError",
     "Example",
     "TokenDataset",
@@ -28,6 +29,7 @@ __all__ = [
     "eval_batches",
     "iterate_batches",
     "load_examples",
+    "load_tokenizer",
     "partition_examples",
     "perplexity",
     "token_loss",

@@ -159,3 +159,70 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, n_words={self.n_words})"
+
+
+# Byte-level tokenizer: ids 0..255 are the UTF-8 bytes, then a few special tokens.
+BYTE_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",  # 256
+    "<|end_of_text|>",  # 257
+    "<|finetune_right_pad_id|>",  # 258
+    "<|eot_id|>",  # 259
+)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0..255) plus BYTE_SPECIAL_TOKENS (256..259): 260 ids, no file needed.
+
+    The same interface as `Tokenizer`; for small models (CPU experiments, benchmarks), where a 128,256-way
+    embedding and output layer would be nearly all of the model. Special-token text inside a string is
+    encoded as its bytes, as `Tokenizer` does."""
+
+    def __init__(self):
+        self.special_tokens = {name: 256 + i for i, name in enumerate(BYTE_SPECIAL_TOKENS)}
+        self.n_words: int = 256 + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.stop_tokens = [self.eos_id, self.eot_id]
+        self._names = {i: name for name, i in self.special_tokens.items()}
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        ids = [self.bos_id] if bos else []
+        ids.extend(s.encode("utf-8", errors="surrogatepass"))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`: special ids as their names; bytes that are not valid UTF-8 become U+FFFD."""
+        parts: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                buf.append(i)
+                continue
+            if i not in self._names:
+                raise ValueError(f"token id {i} is outside the byte tokenizer's 0..{self.n_words - 1}")
+            parts.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            parts.append(self._names[i])
+        parts.append(buf.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(n_words={self.n_words})"
+
+
+BYTES = "bytes"  # the tokenizer-path value that selects ByteTokenizer
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer | ByteTokenizer:
+    """"bytes" -> ByteTokenizer(); a tokenizer.model path -> Tokenizer(path); None or "" -> the default
+    Llama 3 tokenizer."""
+    if isinstance(path, str) and path == BYTES:
+        return ByteTokenizer()
+    return Tokenizer(path or None)

@@ -1,0 +1,259 @@
+"""The real app (this repository) on Flower's deployment runtime: a SuperLink and SuperNodes on loopback.
+
+Each SuperNode gets its own local data through `--node-config 'data-path="..."'` (a few hundred lines of one
+play of the built-in corpus); runs go through `flwr run <app> <connection> --stream`. Covered (issue 5):
+
+- two SuperNodes train on their own data; the outputs are written; everything stops within ~2 minutes;
+- TLS (certificates made here) and SuperNode authentication: registered nodes train, a node whose key was
+  never registered cannot join and receives no slice;
+- faults in one federation: a ClientApp that raises (invalid JSON in its data file) and a SuperNode killed
+  mid-round (SIGKILL, with its ClientApp) do not stop the run; the log names both nodes and why, and a rank
+  nobody returned keeps its previous values.
+
+tests/flower_harness.py starts and stops the processes (none may be left behind).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import flower_harness as fh
+except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
+    from tests import flower_harness as fh  # type: ignore[no-redef]
+
+try:  # the run settings, output checks and log parsers of the simulation tests
+    import test_flower_simulation as sim
+except ImportError:  # collected as a package
+    from tests import test_flower_simulation as sim  # type: ignore[no-redef]
+
+from fedtp_flwr.model import build_model, preset_args
+from fedtp_flwr.sharding import is_split, shard
+
+no_leftovers = sim.no_leftovers  # its autouse fixture: no test here may leave a process behind
+
+CORPUS = Path(__file__).resolve().parents[1] / "fedtp_flwr" / "data" / "corpus" / "train"
+PLAYS = {"henry-v": 300, "the-tempest": 200}  # different sizes: the example counts show whose data was used
+
+
+def write_node_data(directory: Path) -> list[tuple[Path, int]]:
+    """One jsonl file per SuperNode: the first lines of one play. -> [(path, number of examples)]."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for play, n in PLAYS.items():
+        lines = (CORPUS / f"{play}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        path = directory / f"{play}.jsonl"
+        path.write_text("".join(lines), encoding="utf-8")
+        files.append((path, n))
+    return files
+
+
+def deployment_config(output_dir: Path, **overrides) -> dict:
+    return sim.small_config(output_dir, **{"num-server-rounds": 1, **overrides})
+
+
+def start_nodes(dep: fh.Deployment, node_configs: list[dict]) -> list[fh.ManagedProcess]:
+    """Start SuperNodes side by side (faster than one after the other) and wait until all are online; each
+    one's id (``node.extra["node_id"]``) is read from its output ("SuperNode ID: ...")."""
+    nodes = [dep.start_supernode(cfg, wait_online=False) for cfg in node_configs]
+    dep.wait_nodes_online(len(nodes), timeout_s=90)
+    deadline = time.monotonic() + 30
+    for node in nodes:
+        while not (m := re.search(r"SuperNode ID: (\d+)", node.output)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert m, node.output[-3000:]
+        node.extra["node_id"] = int(m.group(1))
+    online = {int(nd["node-id"]) for nd in dep.list_nodes() if nd.get("status") == "online"}
+    assert {n.extra["node_id"] for n in nodes} <= online
+    return nodes
+
+
+def node_id(node: fh.ManagedProcess) -> int:
+    return int(node.extra["node_id"])
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_two_supernodes_train_on_their_own_data(tmp_path: Path) -> None:
+    data = write_node_data(tmp_path / "data")
+    out = tmp_path / "outputs"
+    t0 = time.monotonic()
+    with fh.Deployment(workdir=tmp_path / "dep") as dep:
+        nodes = start_nodes(dep, [{"data-path": str(path)} for path, _ in data])
+        t_up = time.monotonic() - t0
+        res = dep.run(sim.APP_DIR, deployment_config(out), timeout_s=240)
+        t_close = time.monotonic()
+    t_end = time.monotonic()
+    print(f"deployment: up in {t_up:.1f} s, flwr run {res.duration_s:.1f} s, shut down in {t_end - t_close:.1f} s, "
+          f"{t_end - t0:.1f} s in all")
+    res.assert_ok()
+    assert dep.survivors == {}
+    assert t_end - t_close < 30 and t_end - t0 < 180  # "everything shut down within about 2 minutes"
+    assert res.non_loopback_listeners == []
+
+    history = sim.check_outputs(out, rounds=1)
+    assert history[1][2] < history[0][2], history
+
+    ranks = sim.check_slices(res.log_text, "\n".join(n.output for n in nodes), rounds=[1])[1]
+    assert set(ranks) == {node_id(n) for n in nodes}
+    for node, (path, n_examples) in zip(nodes, data):
+        # ClientApp output stays on its SuperNode: the slice of the rank the server gave this node, trained on
+        # this node's own file
+        (line,) = sim.client_lines(node.output)
+        assert line["rank"] == ranks[node_id(node)] and line["round"] == 1, line
+        assert line["examples"] == n_examples and line["device"] == "cpu", line
+        assert f'data-path="{path}"' in node.output  # the command line, first line of its output
+    assert "received the rank" not in res.log_text  # the server's log has no client output
+
+
+def test_tls_and_supernode_auth_unregistered_node_gets_nothing(tmp_path: Path) -> None:
+    data = write_node_data(tmp_path / "data")
+    out = tmp_path / "outputs"
+    with fh.Deployment(tls=True, supernode_auth=True, workdir=tmp_path / "dep") as dep:
+        assert "--ssl-certfile" in dep.superlink.args and "--enable-supernode-auth" in dep.superlink.args
+        assert "--insecure" not in dep.superlink.args
+        # A SuperNode with a key pair of its own that was never registered (started alongside the others).
+        key, _ = dep.make_node_key("intruder")
+        intruder = dep.start_supernode({"data-path": str(data[0][0])}, auth_key=key, register=False,
+                                       wait_online=False, name="intruder")
+        nodes = start_nodes(dep, [{"data-path": str(path)} for path, _ in data])  # each key registered first
+        registered = {int(n.extra["registration"]["node-id"]) for n in nodes}
+        assert {node_id(n) for n in nodes} == registered
+
+        assert intruder.wait(60) not in (None, 0), intruder.output[-2000:]  # refused: it exits with an error
+        assert "Failed to activate SuperNode" in intruder.output
+        online = {int(nd["node-id"]) for nd in dep.list_nodes() if nd.get("status") == "online"}
+        assert online == registered
+
+        res = dep.run(sim.APP_DIR, deployment_config(out), timeout_s=240)
+        res.assert_ok()
+    assert dep.survivors == {}
+    print(f"TLS + SuperNode auth: flwr run {res.duration_s:.1f} s")
+    for node in nodes:
+        assert "--root-certificates" in node.args and "--insecure" not in node.args
+        assert "insecure" not in node.output.lower()
+    sim.check_outputs(out, rounds=1)
+    ranks = sim.check_slices(res.log_text, "\n".join(n.output for n in nodes), rounds=[1])
+    assert set(ranks[1]) == registered  # only the registered nodes were given a rank (and a slice)
+    assert "Sampled 2 nodes (out of 2)" in res.log_text
+    assert "dropping reply" not in res.log_text and "no reply from node" not in res.log_text
+    # The refused node never got an id, a message or a slice.
+    assert "SuperNode ID" not in intruder.output
+    assert "received the rank" not in intruder.output and "Receiving: train message" not in intruder.output
+
+
+def test_failing_and_killed_clients_do_not_stop_the_run(tmp_path: Path) -> None:
+    """Three SuperNodes: one trains, one's ClientApp raises (invalid JSON in its data file), one is SIGKILLed
+    (with its ClientApp) while it trains. The round returns at round-timeout with the surviving reply."""
+    (good_data, good_n), (doomed_data, _) = write_node_data(tmp_path / "data")
+    broken_data = tmp_path / "data" / "broken.jsonl"
+    broken_data.write_text('{"text": "A fine first line."}\n{"text": not json}\n', encoding="utf-8")
+    out = tmp_path / "outputs"
+    timeout = 30.0
+    with fh.Deployment(workdir=tmp_path / "dep") as dep:
+        good, broken, doomed = start_nodes(dep, [{"data-path": str(p)} for p in (good_data, broken_data, doomed_data)])
+
+        run_over = threading.Event()
+        killed_at: list[float] = []
+
+        def kill_when_training() -> None:
+            while not run_over.is_set():
+                if "received the rank" in doomed.output:
+                    dep.kill_supernode(doomed)  # the SuperNode, its SuperExec and its ClientApp
+                    killed_at.append(time.monotonic())
+                    return
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_when_training, daemon=True)
+        killer.start()
+        cfg = deployment_config(out, **{"round-timeout": timeout, "min-available-nodes": 1})
+        try:
+            res = dep.run(sim.APP_DIR, cfg, timeout_s=240)
+        finally:
+            run_over.set()
+            killer.join(timeout=30)
+        assert killed_at, "the SuperNode to kill never started training:\n" + doomed.output[-3000:]
+        assert doomed.returncode == -9
+        assert broken.is_running() and good.is_running()  # a failing ClientApp does not take its SuperNode down
+    assert dep.survivors == {}
+    res.assert_ok()
+    log_text = res.log_text
+    took = [float(x) for x in re.findall(r"round 1 took ([\d.]+) s", log_text)]
+    print(f"faults: flwr run {res.duration_s:.1f} s, round 1 {took} s (round-timeout {timeout:g} s)")
+
+    ranks = sim.node_ranks(log_text)[1]
+    ids = {name: node_id(n) for name, n in dict(good=good, broken=broken, doomed=doomed).items()}
+    assert set(ranks) == set(ids.values()), log_text[-4000:]
+    # The error reply is dropped with the node and the reason; the traceback is in that SuperNode's output.
+    assert re.search(rf"round 1: dropping reply from node {ids['broken']} \(rank {ranks[ids['broken']]}\): "
+                     r"error reply \(code \d+\): .*DataError.*invalid JSON", log_text), log_text[-4000:]
+    assert "invalid JSON" in broken.output and "DataError" in broken.output
+    # The killed node never answered: the round ended at round-timeout, naming it and its rank (or, had the
+    # SuperLink missed its heartbeats within the round, by the SuperLink's "Node Unavailable" reply for it).
+    doomed_rank = ranks[ids["doomed"]]
+    assert re.search(rf"round 1: (no reply from node {ids['doomed']} \(rank {doomed_rank}\) within round-timeout "
+                     rf"{timeout:g} s|dropping reply from node {ids['doomed']} \(rank {doomed_rank}\): error reply "
+                     r"\(code 5\))", log_text), log_text[-4000:]
+    assert "round 1: 1 valid reply" in log_text
+    # Exactly one rank was trained (the surviving node's, possibly covering a failed node of the same rank);
+    # the other rank has no valid reply and keeps its previous values.
+    trained = ranks[ids["good"]]
+    (untrained,) = set(range(sim.WORLD_SIZE)) - {trained}
+    assert f"round 1: no valid reply for rank(s) [{untrained}]; their slices keep their values" in log_text
+    (line,) = sim.client_lines(good.output)
+    assert line["rank"] == trained and line["examples"] == good_n
+
+    args = preset_args("llama3.2-tiny")
+    before = build_model(args, seed=cfg["seed"]).state_dict()  # the run's initial model (seeded init)
+    after = torch.load(out / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth", weights_only=True)[
+        "model_state_dict"]
+    for rank, should_change in ((trained, True), (untrained, False)):
+        old, new = shard(before, args, rank, sim.WORLD_SIZE), shard(after, args, rank, sim.WORLD_SIZE)
+        for name in (k for k in old if is_split(k)):
+            assert torch.equal(old[name], new[name]) != should_change, (rank, name)
+    history = sim.check_outputs(out, rounds=1)
+    assert history[1][2] < history[0][2], history
+
+
+def test_superlink_error_reply_for_a_lost_node_names_that_node(caplog: pytest.LogCaptureFixture) -> None:
+    """When the SuperLink loses a node (no heartbeat) it answers for it: an error reply whose source is the
+    SuperLink's own node id. The strategy names the node the message was sent to. (No processes.)"""
+    from flwr.app import ConfigRecord, Error, Message, Metadata
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtp_flwr.config import RunConfig
+    from fedtp_flwr.model import ModelArgs
+    from fedtp_flwr.strategy import FederatedTensorParallel
+    from fedtp_flwr.wire import encode
+
+    class Grid:
+        def get_node_ids(self):
+            return [101, 202]
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    try:
+        args = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
+        strategy = FederatedTensorParallel(args, RunConfig(world_size=2, round_timeout=5.0))
+        state = build_model(args, seed=0).state_dict()
+        msgs = list(strategy.configure_train(1, encode(state), ConfigRecord(), Grid()))
+        for i, m in enumerate(msgs):  # what the grid does when it pushes them
+            m.metadata.__dict__["_message_id"] = f"msg-{i}"
+        lost = next(m for m in msgs if m.metadata.dst_node_id == 202)
+        meta = Metadata(run_id=7, message_id="", src_node_id=1, dst_node_id=1,
+                        reply_to_message_id=lost.metadata.message_id, group_id="", created_at=time.time(), ttl=60,
+                        message_type=lost.metadata.message_type)
+        reply = Message(metadata=meta, error=Error(code=5, reason="Error: Node Unavailable"))
+        assert strategy.aggregate_train(1, [reply]) == (None, None)  # nothing valid: round skipped
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    rank = strategy.ranks[1][202]
+    assert f"dropping reply from node 202 (rank {rank}): error reply (code 5): Error: Node Unavailable" in caplog.text
+    assert f"no reply from node 101 (rank {strategy.ranks[1][101]}) within round-timeout 5 s" in caplog.text
+    assert "no reply from node 202" not in caplog.text
