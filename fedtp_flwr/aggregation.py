@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .model import ModelArgs
-from .sharding import REPLICATE, merge, rule_for, shard
+from .sharding import REPLICATE, rule_for, shard
 
 WEIGHTINGS = ("per-rank", "all-clients")
 
@@ -33,13 +33,17 @@ class Contribution:
     weight: float  # num-examples
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i (w_i / sum w) t_i, accumulated as Flower does (x_0 f_0, then += x_i f_i), into `out` if given."""
     total = sum(weights)
-    acc = None
-    for t, w in zip(tensors, weights):
+    for i, (t, w) in enumerate(zip(tensors, weights)):
         f = w / total
-        acc = t * f if acc is None else acc.add_(t * f)
-    return acc
+        if i == 0:
+            out = t * f if out is None else torch.mul(t, f, out=out)
+        else:
+            out.add_(t * f)  # one temporary of this tensor's size, not of the model
+    return out
 
 
 def aggregate_slices(
@@ -49,33 +53,35 @@ def aggregate_slices(
     world_size: int,
     weighting: str = "per-rank",
 ) -> dict[str, torch.Tensor]:
-    """New full state dict from this round's slices (see the module docstring for the rules)."""
+    """New full state dict from this round's slices (see the module docstring for the rules).
+
+    Each split parameter is allocated once and every rank's result is written straight into its block
+    (a view from `shard`), so the merge holds no per-rank copies and needs no concatenation."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"merge weighting {weighting!r} is not one of {WEIGHTINGS}")
     if not contributions:
         raise ValueError("no contributions to aggregate")
     weights = [c.weight for c in contributions]
     total = sum(weights)
-    replicated = {
-        k: weighted_mean([c.state[k] for c in contributions], weights)
-        for k in global_state if rule_for(k) is REPLICATE
-    }
-    shards = []
+    out = {}
+    for k, old in global_state.items():  # the global model's key order (Flower's FedAvgM pairs arrays by position)
+        if rule_for(k) is REPLICATE:
+            out[k] = weighted_mean([c.state[k] for c in contributions], weights).to(old.dtype)
+        else:
+            out[k] = torch.empty(old.shape, dtype=old.dtype)
     for rank in range(world_size):
         group = [c for c in contributions if c.rank == rank]
-        old = shard(global_state, args, rank, world_size)
-        part = {}  # in the global model's key order (Flower's FedAvgM pairs arrays by position)
-        for k, old_t in old.items():
-            if k in replicated:
-                part[k] = replicated[k]
-            elif not group:
-                part[k] = old_t
+        dst = shard(out, args, rank, world_size)  # views into `out`
+        src = shard(global_state, args, rank, world_size)
+        for k, old in src.items():
+            if rule_for(k) is REPLICATE:
+                continue
+            if not group:
+                dst[k].copy_(old)
             elif weighting == "per-rank":
-                part[k] = weighted_mean([c.state[k] for c in group], [c.weight for c in group])
+                weighted_mean([c.state[k] for c in group], [c.weight for c in group], out=dst[k])
             else:
-                acc = old_t.to(torch.float32, copy=True)
+                dst[k].copy_(old)
                 for c in group:
-                    acc.add_((c.state[k] - old_t) * (c.weight / total))
-                part[k] = acc
-        shards.append(part)
-    return merge(shards, args)
+                    dst[k].add_((c.state[k] - old) * (c.weight / total))
+    return out

@@ -1,0 +1,350 @@
+"""Bytes per client per round, in each direction, as Flower 1.42 serializes them.
+
+What travels: Flower deflates a Message into content-addressed objects (Message, RecordDict, ArrayRecord,
+ConfigRecord/MetricRecord, one Array per tensor, and each Array's .npy bytes cut into 5 MiB ArrayChunks).
+Each unique object is pushed to / pulled from the SuperLink as one protobuf request carrying its deflated
+bytes; the message's metadata and object tree travel as protobuf too. This script counts, per message:
+
+  payload  the Arrays' .npy bytes (wire.record_nbytes)
+  objects  sum of len(obj.deflate()) over the message's unique objects (what the object store holds)
+  wire     objects + protobuf framing: one PushObjectRequest per object (node, run id, object id,
+           session id), the message metadata and its object tree. Transport framing below protobuf
+           (HTTP/2 frames: 9 B per 16 KiB, ~0.05%; TLS records: ~0.15%) is not counted.
+
+against the analytic size: parameters of the slice (slice_shapes on the meta device) x bytes per element.
+
+Messages are built by the project's own code: server -> client by FederatedTensorParallel.configure_train,
+client -> server as client_app builds its reply (trained slice + train metrics).
+
+Two methods, checked against each other:
+- full: serialize whole real messages (random weights, so no chunk is deduplicated, as with trained
+  weights). Used on models that fit here ("llama3.2-tiny", the 230M "bench" model).
+- shape classes: serialize one real tensor of every distinct (shape, wire dtype) at full size, multiply by
+  how often it occurs, and add the message envelope measured on the same message with placeholder arrays.
+  Exact up to a few bytes of protobuf length prefixes (the check shows the difference); used for the 3B
+  and 1B, whose messages do not fit in memory here (3B at W=1 in float32: 14.4 GB).
+`--stream` additionally serializes every tensor of one 3B slice (W=2, bfloat16) one at a time, freeing as
+it goes: a third, independent count at 3B scale.
+
+    python bench/communication.py                 # ~1-2 min, < 4 GB of memory
+    python bench/communication.py --quick         # tiny model only (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import uuid
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.app.message.message import remove_content_from_message
+from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
+from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.task_identity import TaskIdentity
+
+import _common
+from fedtp_flwr.config import RunConfig
+from fedtp_flwr.model import ModelArgs, Transformer
+from fedtp_flwr.sharding import REPLICATE, rule_for, shard, slice_shapes, valid_world_sizes
+from fedtp_flwr.strategy import FederatedTensorParallel
+from fedtp_flwr.wire import encode, record_nbytes
+
+WIRE_DTYPES = ("float32", "bfloat16")
+BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Realistic ids: Flower node and run ids are random 64-bit integers; object-push session ids are uuid4.
+NODE_ID, RUN_ID, SESSION_ID = 0xD1A9_55C3_8B7E_0F21, 0x9E3B_4C2A_1F6D_7081, str(uuid.UUID(int=2**127 + 12345))
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+# ------------------------------------------------------------------------------------- counting
+
+
+def object_stats(objects: dict) -> dict[str, int]:
+    """objects and their protobuf framing, for a dict object_id -> InflatableObject (unique objects)."""
+    content = framing = 0
+    node = Node(node_id=NODE_ID)
+    for oid, obj in objects.items():
+        body = obj.deflate()
+        req = PushObjectRequest(node=node, run_id=RUN_ID, object_id=oid, object_content=body, session_id=SESSION_ID)
+        content += len(body)
+        framing += req.ByteSize() - len(body)
+    return {"objects": content, "framing": framing, "n_objects": len(objects)}
+
+
+def message_stats(msg: Message) -> dict[str, int]:
+    """Full count of one message (see the module docstring)."""
+    objects = get_all_nested_objects(msg)
+    s = object_stats(objects)
+    s["framing"] += message_to_proto(remove_content_from_message(msg)).ByteSize() + get_object_tree(msg).ByteSize()
+    s["payload"] = record_nbytes(msg.content["arrays"])
+    s["wire"] = s["objects"] + s["framing"]
+    return s
+
+
+def array_stats(array) -> dict[str, int]:
+    """One Array's share of a message: itself, its chunks, their framing and its object-tree node."""
+    s = object_stats(get_all_nested_objects(array))
+    tree = get_object_tree(array).ByteSize()
+    s["framing"] += 1 + _varint_len(tree) + tree  # field tag + length prefix + subtree
+    s["payload"] = len(array.data)
+    return s
+
+
+def _random_tensor(shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g)
+
+
+@lru_cache(maxsize=None)
+def shape_class_stats(shape: tuple[int, ...], wire_dtype: str) -> dict[str, int]:
+    """array_stats of a real tensor of this shape (random values), encoded by fedtp_flwr.wire."""
+    t = _random_tensor(shape, seed=hash(shape) % 2**31)
+    array = encode({"x": t}, wire_dtype)["x"]
+    del t
+    return array_stats(array)
+
+
+def _add(a: dict, b: dict, sign: int = 1) -> dict:
+    return {k: a.get(k, 0) + sign * b.get(k, 0) for k in set(a) | set(b)}
+
+
+# ------------------------------------------------------------------------------------ messages
+
+
+def _set_identity() -> None:
+    """Messages need a run id, as in a ServerApp process."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
+
+
+def _train_config() -> ConfigRecord:
+    # What server.run passes: nothing beyond the strategy's own keys (FedAvg adds server-round).
+    return ConfigRecord()
+
+
+def server_message(args: ModelArgs, state: dict, world_size: int, wire_dtype: str) -> Message:
+    """The message FederatedTensorParallel sends to the node of rank 0."""
+    cfg = RunConfig(world_size=world_size, wire_dtype=wire_dtype, min_available_nodes=1)
+    strategy = FederatedTensorParallel(args, cfg)
+    (msg,) = strategy.configure_train(1, encode(state, "float32"), _train_config(), FakeGrid([NODE_ID]))
+    return msg
+
+
+def reply_message(request: Message, slice_state: dict, wire_dtype: str) -> Message:
+    """What client_app.train returns: the trained slice and its metrics (same keys as client.train_slice)."""
+    metrics = MetricRecord({"num-examples": 1234, "train-loss": 2.5, "train-perplexity": 12.18,
+                            "num-tokens": 65536, "tokens-per-second": 1234.5, "rank": 0})
+    return Message(RecordDict({"arrays": encode(slice_state, wire_dtype), "metrics": metrics}), reply_to=request)
+
+
+def _full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+
+
+def _random_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    return {k: _random_tensor(s, seed=i) for i, (k, s) in enumerate(_full_shapes(args).items())}
+
+
+def _placeholder_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The real keys, with small tensors: real size along a split dim (so shard() accepts them), 2 along
+    the other dim, 1 for vectors. Values (i // 128, i % 128) are exact in bfloat16 and differ per key, so no
+    two placeholder objects are deduplicated."""
+    out = {}
+    for i, (k, s) in enumerate(_full_shapes(args).items()):
+        rule = rule_for(k)
+        if len(s) == 1:
+            small = (2,)
+        else:
+            small = [2] * len(s)
+            if rule is not REPLICATE:
+                small[rule.dim] = s[rule.dim]
+        t = torch.empty(tuple(small))
+        t.view(-1)[0::2], t.view(-1)[1::2] = float(i // 128), float(i % 128)
+        out[k] = t
+    return out
+
+
+def measure_full(args: ModelArgs, world_size: int, wire_dtype: str) -> dict[str, dict[str, int]]:
+    """Serialize the two real messages whole."""
+    state = _random_state(args)
+    down = server_message(args, state, world_size, wire_dtype)
+    slice_state = shard(state, args, 0, world_size)
+    up = reply_message(down, slice_state, wire_dtype)
+    return {"down": message_stats(down), "up": message_stats(up)}
+
+
+def measure_by_shape_class(args: ModelArgs, world_size: int, wire_dtype: str) -> dict[str, dict[str, int]]:
+    """Envelope (real message, placeholder arrays) + one real serialization per distinct tensor shape."""
+    ph_state = _placeholder_state(args)
+    down = server_message(args, ph_state, world_size, wire_dtype)
+    up = reply_message(down, shard(ph_state, args, 0, world_size), wire_dtype)
+    shapes = slice_shapes(args, world_size)
+    out = {}
+    for direction, msg in (("down", down), ("up", up)):
+        total = message_stats(msg)
+        for name, array in msg.content["arrays"].items():
+            total = _add(total, array_stats(array), -1)  # remove the placeholder ...
+            total = _add(total, shape_class_stats(shapes[name], wire_dtype))  # ... add the real tensor
+        total["wire"] = total["objects"] + total["framing"]
+        out[direction] = total
+    return out
+
+
+def stream_slice(args: ModelArgs, world_size: int, wire_dtype: str) -> dict[str, int]:
+    """Serialize every tensor of one slice, one at a time (no cache), summing array_stats."""
+    total: dict[str, int] = {}
+    for i, (name, shape) in enumerate(slice_shapes(args, world_size).items()):
+        t = _random_tensor(shape, seed=10_000 + i)
+        total = _add(total, array_stats(encode({name: t}, wire_dtype)[name]))
+        del t
+    return total
+
+
+def analytic_bytes(args: ModelArgs, world_size: int, wire_dtype: str) -> int:
+    shapes = slice_shapes(args, world_size)
+    return sum(_numel(s) for s in shapes.values()) * BYTES_PER_ELEMENT[wire_dtype]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="llama3.2-3b,llama3.2-1b", help="presets counted by shape classes")
+    p.add_argument("--check-models", default="llama3.2-tiny,bench",
+                   help="models whose messages are serialized whole (and also by shape classes, to check)")
+    p.add_argument("--world-sizes", default="1,2,4,8", help="world sizes (those a model does not allow are skipped)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="also serialize a 3B W=2 bfloat16 slice tensor by tensor (~4.4 GB through Flower, ~1 min)")
+    p.add_argument("--quick", action="store_true", help="the tiny bench model only: the dry run of the tests")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/communication.json)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.check_models, a.stream = "bench-tiny", "bench-tiny", False
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategy logs every message it builds
+    _set_identity()
+    world_sizes = [int(w) for w in a.world_sizes.split(",")]
+    t_start = time.perf_counter()
+
+    # 1. Check: whole real messages vs shape classes vs analytic, on models that fit.
+    checks = []
+    for name in [m for m in a.check_models.split(",") if m]:
+        args = _common.model_args(name)
+        for w in [w for w in world_sizes if w in valid_world_sizes(args)]:
+            for dt in WIRE_DTYPES:
+                full = measure_full(args, w, dt)
+                est = measure_by_shape_class(args, w, dt)
+                analytic = analytic_bytes(args, w, dt)
+                for d in ("down", "up"):
+                    checks.append({
+                        "model": name, "world_size": w, "wire_dtype": dt, "direction": d, "analytic": analytic,
+                        **{f"full_{k}": v for k, v in full[d].items()},
+                        "shape_class_wire": est[d]["wire"],
+                        "shape_class_minus_full": est[d]["wire"] - full[d]["wire"],
+                        "wire_over_analytic": full[d]["wire"] / analytic,
+                    })
+    _common.table(
+        ["model", "W", "wire dtype", "dir", "analytic B", "payload B", "objects B", "wire B", "shape-class - full",
+         "wire/analytic"],
+        [[c["model"], c["world_size"], c["wire_dtype"], c["direction"], c["analytic"], c["full_payload"],
+          c["full_objects"], c["full_wire"], c["shape_class_minus_full"], f"{c['wire_over_analytic']:.6f}"]
+         for c in checks],
+        title="Check: whole messages serialized by Flower vs the shape-class count vs analytic (bytes)",
+    )
+
+    # 2. The real models, by shape classes.
+    rows = []
+    for name in [m for m in a.models.split(",") if m]:
+        args = _common.model_args(name)
+        full_fp32 = None
+        for w in [w for w in world_sizes if w in valid_world_sizes(args)]:
+            for dt in WIRE_DTYPES:
+                est = measure_by_shape_class(args, w, dt)
+                analytic = analytic_bytes(args, w, dt)
+                params = sum(_numel(s) for s in slice_shapes(args, w).values())
+                row = {"model": name, "world_size": w, "wire_dtype": dt, "slice_params": params,
+                       "analytic": analytic, "down": est["down"], "up": est["up"],
+                       "down_over_analytic": est["down"]["wire"] / analytic,
+                       "up_over_analytic": est["up"]["wire"] / analytic}
+                if w == 1 and dt == "float32":
+                    full_fp32 = est
+                rows.append(row)
+        for row in rows:
+            if row["model"] == name and full_fp32 is not None:
+                row["down_vs_fedavg_fp32"] = row["down"]["wire"] / full_fp32["down"]["wire"]
+                row["up_vs_fedavg_fp32"] = row["up"]["wire"] / full_fp32["up"]["wire"]
+    for name in [m for m in a.models.split(",") if m]:
+        _common.table(
+            ["W", "wire dtype", "slice params", "analytic MB", "server->client MB", "client->server MB",
+             "overhead kB (down/up)", "wire/analytic", "vs FedAvg fp32"],
+            [[r["world_size"] if r["world_size"] > 1 else "1 (FedAvg)", r["wire_dtype"], r["slice_params"],
+              f"{r['analytic'] / 1e6:,.1f}", f"{r['down']['wire'] / 1e6:,.1f}", f"{r['up']['wire'] / 1e6:,.1f}",
+              f"{(r['down']['wire'] - r['analytic']) / 1e3:,.0f} / {(r['up']['wire'] - r['analytic']) / 1e3:,.0f}",
+              f"{max(r['down_over_analytic'], r['up_over_analytic']):.6f}",
+              f"{r.get('down_vs_fedavg_fp32', float('nan')):.3f}"]
+             for r in rows if r["model"] == name],
+            title=f"{name}: bytes per client per round (MB = 1e6 B), each direction, serialized by Flower "
+                  "(shape-class count, checked above against whole messages)",
+        )
+
+    # 3. A third count at 3B scale: every tensor of one slice serialized, one at a time.
+    stream = None
+    if a.stream and "llama3.2-3b" in a.models.split(","):
+        args = _common.model_args("llama3.2-3b")
+        t0 = time.perf_counter()
+        arrays_only = stream_slice(args, 2, "bfloat16")
+        seconds = time.perf_counter() - t0
+        by_class = {}
+        for name, shape in slice_shapes(args, 2).items():
+            by_class = _add(by_class, shape_class_stats(shape, "bfloat16"))
+        stream = {"model": "llama3.2-3b", "world_size": 2, "wire_dtype": "bfloat16", "seconds": seconds,
+                  "streamed_arrays": arrays_only, "shape_class_arrays": by_class,
+                  "equal": arrays_only == by_class}
+        print(f"\n3B W=2 bfloat16 slice streamed tensor by tensor through Flower's deflate in {seconds:.0f} s: "
+              f"{arrays_only['objects'] + arrays_only['framing']:,} B of arrays (objects + framing); "
+              f"shape-class count of the same arrays: {by_class['objects'] + by_class['framing']:,} B "
+              f"({'identical' if stream['equal'] else 'DIFFERENT'})")
+
+    worst = max([c["wire_over_analytic"] for c in checks] + [max(r["down_over_analytic"], r["up_over_analytic"])
+                                                              for r in rows])
+    summary = {"max_wire_over_analytic": worst, "aim": "serialized bytes within 1% of the analytic slice size",
+               "aim_met": worst <= 1.01,
+               "max_abs_shape_class_minus_full": max((abs(c["shape_class_minus_full"]) for c in checks), default=None),
+               "seconds": time.perf_counter() - t_start}
+    print(f"\nworst wire/analytic ratio: {worst:.6f} (aim <= 1.01: {'met' if summary['aim_met'] else 'MISSED'}); "
+          f"shape-class count vs whole messages: max |difference| {summary['max_abs_shape_class_minus_full']} B")
+    result = {"method": __doc__.split("\n\n")[1:4], "checks": checks, "rows": rows, "stream": stream,
+              "summary": summary}
+    _common.write_results("communication", result, a.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
