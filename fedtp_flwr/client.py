@@ -23,7 +23,7 @@ from .config import RunConfig
 from .context import build_context_model, rest_from_arrays
 from .data import (ByteTokenizer, DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path,
                    eval_batches, iterate_batches, load_examples, load_tokenizer, partition_examples)
-from .model import ModelArgs, Transformer, build_model
+from .model import ModelArgs, Transformer
 from .sharding import shard_args
 from .training import TrainSettings, evaluate, resolve_device, train_local
 from .wire import decode, encode, record_nbytes
@@ -65,8 +65,9 @@ def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device) 
         arrays = {k: torch.from_numpy(a.numpy()) for k, a in content["context"].items()}
         rest = rest_from_arrays(arrays, job.args, job.world_size, job.context_bits, job.context_group_size or None)
         return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device)
-    model = build_model(shard_args(job.args, job.world_size), device=device, seed=None)
-    model.load_state_dict(slice_state, strict=True)
+    with torch.device("meta"):  # no memory until the received tensors are assigned
+        model = Transformer(shard_args(job.args, job.world_size))
+    model.load_state_dict({k: v.to(device) for k, v in slice_state.items()}, strict=True, assign=True)
     return model
 
 

@@ -53,8 +53,16 @@ def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], i
         args = preset_args(cfg.model)
     except ValueError as e:
         raise ConfigError(f"config key 'model': {e}") from None
+    check_config_world_size(args, cfg)  # before spending minutes initialising a large model
     model = build_model(args, seed=cfg.seed)
     return args, {k: v.detach() for k, v in model.state_dict().items()}, 1, []
+
+
+def check_config_world_size(args: ModelArgs, cfg: RunConfig) -> None:
+    try:
+        check_world_size(args, cfg.world_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'world-size': {e}") from None
 
 
 def resolve_output_dir(path: str) -> Path:
@@ -64,10 +72,7 @@ def resolve_output_dir(path: str) -> Path:
 def run(grid: Grid, run_config: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(run_config)
     args, state, first_round, history = initial_state(cfg)
-    try:
-        check_world_size(args, cfg.world_size)
-    except ValueError as e:
-        raise ConfigError(f"config key 'world-size': {e}") from None
+    check_config_world_size(args, cfg)
     device = resolve_device(cfg.device)
 
     # Held-out data and a model to evaluate the merged weights in (built once, reloaded each round).

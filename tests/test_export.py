@@ -7,7 +7,7 @@ import torch
 
 from fedtp_flwr.checkpoint import load_checkpoint
 from fedtp_flwr.export import export_run_checkpoint
-from fedtp_flwr.model import ModelArgs, Transformer, build_model
+from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.outputs import RunOutputs
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16, use_scaled_rope=True)
