@@ -243,3 +243,27 @@ def test_bfloat16_wire_round_trip_through_the_strategy():
     new = decode(s.aggregate_train(1, replies)[0])
     assert new["layers.0.attention.wq.weight"].dtype == torch.float32
     torch.testing.assert_close(new["tok_embeddings.weight"], state["tok_embeddings.weight"], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("bits,tol", [(16, 1e-5), (8, 0.05)])
+def test_context_client_starts_from_the_global_models_function(bits, tol):
+    """Through the real message path (strategy -> ArrayRecords -> client), a context-mode client's model at
+    the start of a round computes what the global model computes: exactly with a bf16 rest (weights chosen
+    bf16-representable), within a stated relative tolerance with an int8 rest."""
+    from fedtp_flwr.client import SliceJob, build_slice_model
+    from fedtp_flwr.model import Transformer
+
+    s = make_strategy(world_size=2, slice_mode="context", context_bits=bits, context_group_size=0)
+    state = {k: v.to(torch.bfloat16).float() for k, v in global_model(seed=4).items()}
+    _, msgs = configure(s, state, [1, 2])
+    full = Transformer(ARGS)
+    full.load_state_dict(state)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = full(tokens)
+        for m in msgs:
+            model = build_slice_model(SliceJob.from_config(m.content["config"]), m.content, torch.device("cpu"))
+            got = model(tokens)
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel <= tol, (bits, m.content["config"]["rank"], rel)
+            assert set(model.state_dict()) == set(slice_shapes(ARGS, 2))  # uploads carry only the slice
