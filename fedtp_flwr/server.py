@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def resolve_output_dir(path: str) -> Path:
 
 def run(grid: Grid, run_config: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(run_config)
+    random.seed(cfg.seed)  # Flower samples nodes with the `random` module (fraction-train < 1)
     args, state, first_round, history = initial_state(cfg)
     check_config_world_size(args, cfg)
     device = resolve_device(cfg.device)
