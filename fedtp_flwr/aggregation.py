@@ -29,16 +29,18 @@ WEIGHTINGS = ("per-rank", "all-clients")
 @dataclass
 class Contribution:
     rank: int
-    state: Mapping[str, torch.Tensor]  # this rank's slice, as trained by one node (float32)
+    state: Mapping[str, torch.Tensor]  # this rank's slice as one node trained it (any float dtype; read only)
     weight: float  # num-examples
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i (w_i / sum w) t_i, accumulated as Flower does (x_0 f_0, then += x_i f_i), into `out` if given."""
+    """sum_i (w_i / sum w) t_i, accumulated as Flower does (x_0 f_0, then += x_i f_i) in float32, into `out`
+    if given. Each t is converted to float32 on its own (a no-op for float32)."""
     total = sum(weights)
     for i, (t, w) in enumerate(zip(tensors, weights)):
         f = w / total
+        t = t.float()
         if i == 0:
             out = t * f if out is None else torch.mul(t, f, out=out)
         else:
@@ -83,5 +85,5 @@ def aggregate_slices(
             else:
                 dst[k].copy_(old)
                 for c in group:
-                    dst[k].add_((c.state[k] - old) * (c.weight / total))
+                    dst[k].add_((c.state[k].float() - old) * (c.weight / total))
     return out

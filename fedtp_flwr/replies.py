@@ -24,7 +24,8 @@ class ReplyError(ValueError):
 def check_reply(
     msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wire_dtype: str
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """-> (the slice as float32 tensors, num-examples), or ReplyError."""
+    """-> (the slice, num-examples), or ReplyError. The slice's tensors are read-only views of the reply's
+    bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time."""
     if msg.has_error():
         raise ReplyError(f"error reply (code {msg.error.code}): {msg.error.reason}")
     content = msg.content
@@ -50,7 +51,7 @@ def check_reply(
         if tuple(a.shape) != tuple(shape):
             raise ReplyError(f"{k}: shape {tuple(a.shape)}, expected {tuple(shape)}")
     try:
-        state = decode(arrays, wire_dtype, dtype=torch.float32)
+        state = decode(arrays, wire_dtype, dtype=None, copy=False)
     except ValueError as e:  # malformed .npy bytes
         raise ReplyError(f"arrays could not be decoded: {e}") from e
     for k, t in state.items():
