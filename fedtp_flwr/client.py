@@ -99,10 +99,17 @@ def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "
     return _dataset(source, partition, cfg.partitioning, cfg.seed, cfg.tokenizer_path, cfg.max_seq_len, cfg.packing)
 
 
-def train_settings(cfg: RunConfig, job: SliceJob, seed: int) -> TrainSettings:
+def local_step_count(cfg: RunConfig, n_rows: int) -> int:
+    """local-steps, or with local-epochs > 0 the optimizer steps that cover that many passes over the data."""
+    if cfg.local_epochs <= 0:
+        return cfg.local_steps
+    return max(1, math.ceil(cfg.local_epochs * n_rows / (cfg.batch_size * cfg.grad_accum_steps)))
+
+
+def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> TrainSettings:
     return TrainSettings(
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=cfg.local_steps,
+        lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=local_step_count(cfg, n_rows),
         grad_accum_steps=cfg.grad_accum_steps, precision=cfg.precision,
         gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
         proximal_mu=job.proximal_mu, progress=True,
@@ -127,7 +134,7 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
         record_nbytes(received) / 1e6, job.wire_dtype, device, data.n_examples)
     seed = node_seed(cfg, node_config, job.server_round)
     batches = iterate_batches(data, cfg.batch_size, seed)
-    m = train_local(model, batches, train_settings(cfg, job, seed))
+    m = train_local(model, batches, train_settings(cfg, job, seed, len(data)))
     metrics = MetricRecord({
         "num-examples": data.n_examples,  # FedAvg's n_k: the size of this node's local dataset
         "train-loss": m["train_loss"], "train-perplexity": m["train_perplexity"],

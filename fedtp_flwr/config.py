@@ -58,6 +58,7 @@ class RunConfig:
     batch_size: int = _key("batch-size", 4, "sequences per micro-batch", minimum=1)
     max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1)
     local_steps: int = _key("local-steps", 10, "optimizer steps per client per round", minimum=1)
+    local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0)
     grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", minimum=1)
     max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", minimum=0.0)
     lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=("constant", "cosine"))

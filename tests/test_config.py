@@ -55,3 +55,13 @@ def test_integer_is_accepted_for_a_float_key():
 def test_unknown_key_is_refused():
     with pytest.raises(ConfigError, match="unknown config key"):
         RunConfig.from_run_config({"learning_rate": 1e-3})
+
+
+def test_local_epochs_replace_local_steps():
+    from fedtp_flwr.client import local_step_count
+
+    steps = RunConfig.from_run_config({"local-steps": 7, "batch-size": 4, "grad-accum-steps": 2})
+    assert local_step_count(steps, n_rows=1000) == 7
+    epochs = RunConfig.from_run_config({"local-epochs": 1.5, "batch-size": 4, "grad-accum-steps": 2})
+    assert local_step_count(epochs, n_rows=100) == 19  # ceil(1.5 * 100 / 8)
+    assert local_step_count(epochs, n_rows=1) == 1
