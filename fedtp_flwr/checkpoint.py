@@ -194,22 +194,21 @@ _META_LAYER = {v: k for k, v in _HF_LAYER.items()}
 _HF_DROPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF buffer
 
 
+def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str, what: str) -> str:
+    if name in top:
+        return top[name]
+    m = re.fullmatch(rf"{re.escape(src_prefix)}(\d+)\.(.+)", name)
+    if m and m.group(2) in layer:
+        return f"{dst_prefix}{m.group(1)}.{layer[m.group(2)]}"
+    raise KeyError(f"no {what} name for parameter {name!r}")
+
+
 def meta_to_hf_name(name: str) -> str:
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
-    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return _rename(name, _HF_TOP, _HF_LAYER, "layers.", "model.layers.", "Hugging Face")
 
 
 def hf_to_meta_name(name: str) -> str:
-    if name in _META_TOP:
-        return _META_TOP[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _META_LAYER:
-        return f"layers.{m.group(1)}.{_META_LAYER[m.group(2)]}"
-    raise KeyError(f"no Meta name for Hugging Face parameter {name!r}")
+    return _rename(name, _META_TOP, _META_LAYER, "model.layers.", "layers.", "Meta")
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

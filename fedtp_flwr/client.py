@@ -16,7 +16,7 @@ from logging import INFO
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from .config import RunConfig
@@ -153,3 +153,14 @@ def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str
     res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
     return MetricRecord({"num-examples": res["num_tokens"], "slice-loss": res["loss"],
                          "slice-perplexity": res["perplexity"]})
+
+
+def train_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
+    """The ClientApp's train handler: the server's message in, the reply with the trained slice out."""
+    arrays, metrics = train_slice(msg.content, cfg, node_config)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
+    """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data."""
+    return Message(RecordDict({"metrics": evaluate_slice(msg.content, cfg, node_config)}), reply_to=msg)

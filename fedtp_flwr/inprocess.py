@@ -11,20 +11,17 @@ import traceback
 from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
-from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from .client import evaluate_slice, train_slice
+from .client import evaluate_reply, train_reply
 from .config import RunConfig
 
 
 def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
-    """What client_app.py does with one message (kept in step with it)."""
-    if msg.metadata.message_type == MessageType.TRAIN:
-        arrays, metrics = train_slice(msg.content, cfg, node_config)
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-    metrics = evaluate_slice(msg.content, cfg, node_config)
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    """What client_app.py does with one message."""
+    reply = train_reply if msg.metadata.message_type == MessageType.TRAIN else evaluate_reply
+    return reply(msg, cfg, node_config)
 
 
 class InProcessGrid:

@@ -33,18 +33,21 @@ def model_name(cfg: RunConfig) -> str:
     return Path(cfg.checkpoint_dir).name if cfg.checkpoint_dir else cfg.model
 
 
+# Settings a resumed run must share with the checkpoint (num-server-rounds may grow: a run can be extended).
+RESUME_MUST_MATCH = ("world-size", "learning-rate", "enable-swapping", "seed", "strategy")
+
+
 def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], int, list]:
     """(args, state, first round, history): from resume-from, checkpoint-dir, or the preset with seeded init."""
     if cfg.resume_from:
         ckpt = load_run_checkpoint(cfg.resume_from)
         stored = ckpt["config"]
         args = ModelArgs.from_params(json.loads(stored["model-args"]))
-        for key in ("world-size", "num-server-rounds", "learning-rate", "enable-swapping", "seed", "strategy"):
-            if key == "num-server-rounds":
-                continue  # a run may be extended
-            if stored.get(key) != cfg.to_dict()[key]:
+        now = cfg.to_dict()
+        for key in RESUME_MUST_MATCH:
+            if stored.get(key) != now[key]:
                 raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint was written with {key}="
-                                  f"{stored.get(key)!r}, this run has {cfg.to_dict()[key]!r}")
+                                  f"{stored.get(key)!r}, this run has {now[key]!r}")
         state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
         return args, state, int(ckpt["round"]) + 1, [tuple(h) for h in ckpt.get("history", [])]
     if cfg.checkpoint_dir:

@@ -67,7 +67,6 @@ class FederatedTensorParallel(Strategy):
         self.expected_shapes = slice_shapes(args, self.world_size)
         self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
         self.current: ArrayRecord | None = None  # the global model sent out this round
-        self.bytes_log: dict[int, dict[str, int]] = {}
         # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
         # only what is needed to tell which node a reply the SuperLink wrote for it stands for.
         self._sent: dict[int, list] = {}
@@ -105,7 +104,6 @@ class FederatedTensorParallel(Strategy):
         if message_type == MessageType.TRAIN:
             self._sent = {server_round: [m.metadata for m in messages]}
         sent = sum(record_nbytes(rec) for n in node_ids for rec in records[ranks[n]].values())
-        self.bytes_log.setdefault(server_round, {})["sent"] = sent
         log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
             {n: ranks[n] for n in sorted(node_ids)}, sent / 1e6, self.cfg.wire_dtype,
             f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
@@ -151,7 +149,6 @@ class FederatedTensorParallel(Strategy):
         for node in sorted(set(ranks) - answered):
             log(WARNING, "round %d: no reply from node %d (rank %d) within round-timeout %g s", server_round, node,
                 ranks[node], self.cfg.round_timeout)
-        self.bytes_log.setdefault(server_round, {})["received"] = received
         log(INFO, "round %d: %d valid repl%s, %.1f MB received", server_round, len(good),
             "y" if len(good) == 1 else "ies", received / 1e6)
         return good
