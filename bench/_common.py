@@ -86,7 +86,7 @@ def _flash_like_sdpa(q, k, v, *args, **kwargs):
 
 
 def activation_profile(args: ModelArgs, batch: int, seq: int, autocast: bool = False,
-                       device: str = "meta") -> list[dict]:
+                       device: str = "meta", model: torch.nn.Module | None = None, chunk_tokens: int = 0) -> list[dict]:
     """What one forward + loss of `args` (float32 weights) on [batch, seq] tokens leaves for backward, per
     block in forward order (tok_embeddings, layers.0, ..., output incl. the final norm and the loss):
     {"block", "saved" (bytes of the tensors autograd saves, each storage once, parameters excluded, counted in
@@ -97,14 +97,20 @@ def activation_profile(args: ModelArgs, batch: int, seq: int, autocast: bool = F
     On the meta device (default) nothing is allocated; attention is counted as a flash kernel saves it, and
     `autocast` (bf16) is emulated as torch.autocast does it for this model: every nn.Linear casts its input
     and weight to bfloat16 (the weight copies are saved for backward, 2 B per linear parameter), everything
-    else keeps its dtype. `device="cpu"` counts a real forward (under real torch.autocast), to check."""
+    else keeps its dtype. `device="cpu"` counts a real forward (under real torch.autocast), to check.
+
+    `model`: count this model (on `device`; e.g. a context-mode client model) instead of Transformer(args).
+    `chunk_tokens` > 0: the loss as training computes it then (chunked_loss.chunked_token_loss)."""
     from unittest import mock
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    if device != "meta":
-        model = model.to_empty(device=device)
-        model.init_weights(0)
+    from fedtp_flwr.chunked_loss import chunked_token_loss
+
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(args)
+        if device != "meta":
+            model = model.to_empty(device=device)
+            model.init_weights(0)
     key = (lambda s: s._cdata) if device == "meta" else (lambda s: s.data_ptr())
     params = {key(p.untyped_storage()) for p in model.parameters()}
     blocks = [("tok_embeddings", model.tok_embeddings)] + [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
@@ -140,9 +146,12 @@ def activation_profile(args: ModelArgs, batch: int, seq: int, autocast: bool = F
         elif autocast:
             stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-        logits = model(tokens)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="sum")
-    del loss, logits
+        if chunk_tokens:
+            loss = chunked_token_loss(model.hidden_states(tokens), model.output, tokens, chunk_tokens)
+        else:
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="sum")
+    del loss
     return list(profile.values())
 
 

@@ -54,6 +54,7 @@ def aggregate_slices(
     args: ModelArgs,
     world_size: int,
     weighting: str = "per-rank",
+    vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New full state dict from this round's slices (see the module docstring for the rules).
 
@@ -67,16 +68,16 @@ def aggregate_slices(
     total = sum(weights)
     out = {}
     for k, old in global_state.items():  # the global model's key order (Flower's FedAvgM pairs arrays by position)
-        if rule_for(k) is REPLICATE:
+        if rule_for(k, vocab_parallel) is REPLICATE:
             out[k] = weighted_mean([c.state[k] for c in contributions], weights).to(old.dtype)
         else:
             out[k] = torch.empty(old.shape, dtype=old.dtype)
     for rank in range(world_size):
         group = [c for c in contributions if c.rank == rank]
-        dst = shard(out, args, rank, world_size)  # views into `out`
-        src = shard(global_state, args, rank, world_size)
+        dst = shard(out, args, rank, world_size, vocab_parallel)  # views into `out`
+        src = shard(global_state, args, rank, world_size, vocab_parallel)
         for k, old in src.items():
-            if rule_for(k) is REPLICATE:
+            if rule_for(k, vocab_parallel) is REPLICATE:
                 continue
             if not group:
                 dst[k].copy_(old)

@@ -39,32 +39,38 @@ class SliceJob:
     args: ModelArgs  # the full model's args
     wire_dtype: str
     proximal_mu: float
-    slice_mode: str = "independent"
-    context_bits: int = 8
-    context_group_size: int = 0
+    slice_mode: str
+    context_bits: int
+    context_group_size: int  # 0: one scale per row
+    vocab_parallel: bool
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "SliceJob":
+        """Every key the server always sends is required (a missing one is a protocol error, not a default);
+        proximal-mu only comes from FedProx."""
         try:
             return cls(int(config["rank"]), int(config["world-size"]), int(config["server-round"]),
                        ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
-                       float(config.get("proximal-mu", 0.0)), str(config.get("slice-mode", "independent")),
-                       int(config.get("context-bits", 8)), int(config.get("context-group-size", 0)))
+                       float(config.get("proximal-mu", 0.0)), str(config["slice-mode"]),
+                       int(config["context-bits"]), int(config["context-group-size"]), bool(config["vocab-parallel"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
 
 
-def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device) -> Transformer:
+def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> Transformer:
     """Independent mode: the rank's sub-model (the same Transformer class, 1/W of the heads and FFN units).
-    Context mode: the full-width model, its slice and replicated parameters trainable, the rest of the split
-    layers frozen in low-bit form. Either way state_dict() is exactly the slice."""
-    slice_state = decode(content["arrays"], job.wire_dtype, dtype=torch.float32)
+    Context mode: the full-width model, its slice and replicated parameters trainable (in `dtype`), the rest
+    of the split layers frozen in low-bit form. Either way state_dict() is exactly the slice."""
+    slice_state = decode(content["arrays"], job.wire_dtype, dtype=dtype)
     if job.slice_mode == "context":
         if "context" not in content:
             raise ValueError("context mode, but the server's message has no 'context' record")
         arrays = {k: torch.from_numpy(a.numpy()) for k, a in content["context"].items()}
-        rest = rest_from_arrays(arrays, job.args, job.world_size, job.context_bits, job.context_group_size or None)
-        return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device)
+        rest = rest_from_arrays(arrays, job.args, job.world_size, job.context_bits, job.context_group_size or None,
+                                job.vocab_parallel)
+        return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device, dtype=dtype,
+                                   vocab_parallel=job.vocab_parallel)
     with torch.device("meta"):  # no memory until the received tensors are assigned
         model = Transformer(shard_args(job.args, job.world_size))
     model.load_state_dict({k: v.to(device) for k, v in slice_state.items()}, strict=True, assign=True)
@@ -112,8 +118,13 @@ def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> Tra
         lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=local_step_count(cfg, n_rows),
         grad_accum_steps=cfg.grad_accum_steps, precision=cfg.precision,
         gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
-        proximal_mu=job.proximal_mu, progress=True,
+        proximal_mu=job.proximal_mu, progress=True, optimizer=cfg.optimizer,
+        optimizer_in_backward=cfg.optimizer_in_backward, loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
+
+
+def param_dtype(cfg: RunConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.client_param_dtype]
 
 
 def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int) -> int:
@@ -126,7 +137,7 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     job = SliceJob.from_config(content["config"])
     device = resolve_device(cfg.device)
     data = local_dataset(cfg, node_config, "train")
-    model = build_slice_model(job, content, device)
+    model = build_slice_model(job, content, device, param_dtype(cfg))
     received = content["arrays"]  # what this node was sent: its slice (it has just loaded into the sub-model)
     n_received = sum(math.prod(a.shape) for a in received.values())
     log(INFO, "round %d: received the rank %d/%d slice: %d parameters in %d arrays (%.1f MB %s); training on %s, "

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .training import OPTIMIZERS
+
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 SLICE_MODES = ("independent", "context")
 MERGE_WEIGHTINGS = ("auto", "per-rank", "all-clients")
@@ -41,6 +43,7 @@ class RunConfig:
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=(4, 8, 16))
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
+    vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
@@ -64,6 +67,10 @@ class RunConfig:
     lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=("constant", "cosine"))
     warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", minimum=0)
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward")
+    optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS)
+    client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=("float32", "bfloat16"))
+    optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)")
+    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", minimum=0)
     device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32", "bf16"))
     seed: int = _key("seed", 42, "seed for init, data order and sampling")
@@ -71,6 +78,16 @@ class RunConfig:
     output_dir: str = _key("output-dir", "outputs", "where results, eval files and checkpoints go")
     checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0)
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")
+
+    def __post_init__(self):
+        """Checks that involve several keys (each key alone is checked by from_run_config)."""
+        if self.vocab_parallel and self.slice_mode != "context":
+            raise ConfigError('config key \'vocab-parallel\': true needs slice-mode = "context": an independent '
+                              "sub-model has no other vocabulary rows to take its softmax over")
+        if self.optimizer_in_backward and (self.max_grad_norm or self.grad_accum_steps != 1):
+            raise ConfigError("config key 'optimizer-in-backward': true steps each parameter during backward, so it "
+                              "cannot clip the global gradient norm or accumulate micro-batches: set max-grad-norm = 0 "
+                              f"and grad-accum-steps = 1 (got {self.max_grad_norm} and {self.grad_accum_steps})")
 
     @property
     def effective_merge_weighting(self) -> str:

@@ -21,6 +21,7 @@ What a round needs on each side (the strategy and client glue):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Optional
 
 import torch
@@ -29,27 +30,24 @@ from torch import nn
 
 from .model import ModelArgs, Transformer
 from .quant import QTensor, dequantize, quantize
-from .sharding import REPLICATE, Split, check_world_size, rule_for, shard, slice_shapes
+from .sharding import REPLICATE, Split, block, check_world_size, full_shapes, rule_for, shard, slice_shapes
 
 
 # ------------------------------------------------------------------------------------------- the rest
 
 
-def split_names(args: ModelArgs) -> list[str]:
+def split_names(args: ModelArgs, vocab_parallel: bool = False) -> list[str]:
     """State-dict names of the parameters the plan splits, in model order."""
-    with torch.device("meta"):
-        names = list(Transformer(args).state_dict())
-    return [n for n in names if rule_for(n) is not REPLICATE]
+    return [n for n in full_shapes(args) if rule_for(n, vocab_parallel) is not REPLICATE]
 
 
-def rest_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, int]]:
+def rest_shapes(args: ModelArgs, world_size: int, vocab_parallel: bool = False) -> dict[str, tuple[int, int]]:
     """Shape of every split parameter with one rank's block removed (the same for every rank)."""
-    sliced = slice_shapes(args, world_size)
-    with torch.device("meta"):
-        full = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    sliced = slice_shapes(args, world_size, vocab_parallel)
+    full = full_shapes(args)
     out = {}
-    for name in split_names(args):
-        dim = rule_for(name).dim
+    for name in split_names(args, vocab_parallel):
+        dim = rule_for(name, vocab_parallel).dim
         shape = list(full[name])
         shape[dim] -= sliced[name][dim]
         out[name] = tuple(shape)
@@ -57,18 +55,18 @@ def rest_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, int]]:
 
 
 def context_rest(full_state: Mapping[str, torch.Tensor], args: ModelArgs, rank: int,
-                 world_size: int) -> dict[str, torch.Tensor]:
+                 world_size: int, vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
     """For each split parameter: the full tensor with rank's block removed (the other ranks' blocks,
     in rank order, concatenated along the plan's split dim). A new tensor per parameter."""
-    sliced = shard(full_state, args, rank, world_size)  # checks the keys, shapes, rank and world size
+    shard(full_state, args, rank, world_size, vocab_parallel)  # checks the keys, shapes, rank and world size
     out = {}
     for name, t in full_state.items():
-        rule = rule_for(name)
+        rule = rule_for(name, vocab_parallel)
         if rule is REPLICATE:
             continue
-        size = sliced[name].shape[rule.dim]
-        before = t.narrow(rule.dim, 0, rank * size)
-        after = t.narrow(rule.dim, (rank + 1) * size, t.shape[rule.dim] - (rank + 1) * size)
+        lo, size = block(args, rule, rank, world_size)
+        before = t.narrow(rule.dim, 0, lo)
+        after = t.narrow(rule.dim, lo + size, t.shape[rule.dim] - lo - size)
         out[name] = torch.cat((before, after), dim=rule.dim)
     return out
 
@@ -84,10 +82,11 @@ def rest_to_arrays(rest_q: Mapping[str, QTensor]) -> dict[str, torch.Tensor]:
 
 
 def rest_from_arrays(arrays: Mapping[str, torch.Tensor], args: ModelArgs, world_size: int, bits: int,
-                     group_size: Optional[int] = None) -> dict[str, QTensor]:
+                     group_size: Optional[int] = None, vocab_parallel: bool = False) -> dict[str, QTensor]:
     """Inverse of `rest_to_arrays`, checked against what the receiver knows: the full ModelArgs, the world
-    size, bits and group_size. Refuses a missing or unknown key and any dtype or shape that differs."""
-    shapes = rest_shapes(args, world_size)
+    size, bits, group_size and vocab_parallel. Refuses a missing or unknown key and any dtype or shape that
+    differs."""
+    shapes = rest_shapes(args, world_size, vocab_parallel)
     grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in shapes}
     for key, t in arrays.items():
         name, _, part = key.rpartition(":")
@@ -100,11 +99,18 @@ def rest_from_arrays(arrays: Mapping[str, torch.Tensor], args: ModelArgs, world_
 # ---------------------------------------------------------------------------------------- the linear
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """What nn.Linear would compute in: the autocast dtype when autocast is on, else the weight's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return weight.dtype
+
+
+def no_autocast(device: torch.device):
+    """Autocast off on `device` (a no-op context on devices autocast does not know, e.g. meta)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _ContextLinearFn(torch.autograd.Function):
@@ -113,10 +119,10 @@ class _ContextLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, layer):
-        dtype = _compute_dtype(x, weight)
+        dtype = compute_dtype(x, weight)
         xc = x.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(xc, layer.full_weight(weight, dtype))
+        with no_autocast(x.device):
+            y = layer.matmul(xc, weight, dtype)
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         ctx.save_for_backward(xc, weight)
         return y
@@ -126,19 +132,18 @@ class _ContextLinearFn(torch.autograd.Function):
         xc, weight = ctx.saved_tensors
         layer, dtype = ctx.layer, ctx.dtype
         grad_x = grad_w = None
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with no_autocast(grad_y.device):
             g = grad_y.to(dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ layer.full_weight(weight, dtype)).to(ctx.x_dtype)  # (..., in)
+                grad_x = layer.matmul_t(g, weight, dtype).to(ctx.x_dtype)  # (..., in)
             if ctx.needs_input_grad[1]:
-                g2, x2 = g.reshape(-1, g.shape[-1]), xc.reshape(-1, xc.shape[-1])
-                lo, size = layer.rank * weight.shape[layer.split.dim], weight.shape[layer.split.dim]
-                if layer.split.dim == 0:  # the slice's output rows
-                    grad_w = g2.narrow(1, lo, size).t() @ x2
-                else:  # the slice's input columns
-                    grad_w = g2.t() @ x2.narrow(1, lo, size)
-                grad_w = grad_w.to(weight.dtype)
+                grad_w = layer.slice_grad(g, xc).to(weight.dtype)
         return grad_x, grad_w, None
+
+
+# Rows of the frozen rest dequantized at once by an output-split (dim 0) layer: bounds the transient to
+# ~32 MiB however large the layer (the 3B's 128k-row output at W=8 holds 112k frozen rows, 0.7 GB in bf16).
+_ROW_BLOCK_BYTES = 32 * 2**20
 
 
 class FrozenContextLinear(nn.Linear):
@@ -169,7 +174,7 @@ class FrozenContextLinear(nn.Linear):
         self.register_buffer("rest_data", None, persistent=False)
         self.register_buffer("rest_scale", None, persistent=False)
 
-    def load_rest(self, rest: QTensor) -> None:
+    def load_rest(self, rest: QTensor) -> None:  # also FrozenContextEmbedding's
         """Hold `rest` (moved to the weight's device, kept low-bit) as the frozen blocks."""
         if tuple(rest.shape) != self.rest_shape:
             raise ValueError(f"the frozen rest has shape {tuple(rest.shape)}, this layer needs {self.rest_shape}")
@@ -191,6 +196,44 @@ class FrozenContextLinear(nn.Linear):
         before, after = rest.narrow(dim, 0, lo), rest.narrow(dim, lo, rest.shape[dim] - lo)
         return torch.cat((before, weight.to(dtype), after), dim=dim)
 
+    def _row_blocks(self, weight: torch.Tensor, dtype: torch.dtype):
+        """(first output row, [rows, in] weight in `dtype`) covering the full weight in row order, for an
+        output-split layer: the rest dequantized a block at a time, the slice in its place."""
+        lo, size = self.rank * weight.shape[0], weight.shape[0]
+        step = max(1, _ROW_BLOCK_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
+        rest = self.rest
+        for start, stop, offset in ((0, lo, 0), (lo, self.rest_shape[0], size)):
+            for r in range(start, stop, step):
+                rows = slice(r, min(r + step, stop))
+                yield r + offset, dequantize(rest.rows(rows), dtype)
+            if offset == 0:
+                yield lo, weight.to(dtype)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x [..., in] @ full^T -> [..., out], in `dtype`, without the full weight when split by rows."""
+        if self.split.dim == 1:
+            return F.linear(x, self.full_weight(weight, dtype))
+        return torch.cat([F.linear(x, w) for _, w in self._row_blocks(weight, dtype)], dim=-1)
+
+    def matmul_t(self, g: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """g [..., out] @ full -> [..., in]: the input gradient of `matmul`."""
+        if self.split.dim == 1:
+            return g @ self.full_weight(weight, dtype)
+        out = None
+        for r, w in self._row_blocks(weight, dtype):
+            part = g.narrow(-1, r, w.shape[0]) @ w
+            out = part if out is None else out.add_(part)
+        return out
+
+    def slice_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gradient of the slice from g [..., out] and x [..., in] (both in the compute dtype)."""
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        size = self.weight.shape[self.split.dim]
+        lo = self.rank * size
+        if self.split.dim == 0:  # the slice's output rows
+            return g2.narrow(1, lo, size).t() @ x2
+        return g2.t() @ x2.narrow(1, lo, size)  # the slice's input columns
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ContextLinearFn.apply(x, self.weight, self)
 
@@ -199,18 +242,60 @@ class FrozenContextLinear(nn.Linear):
                 f"rank={self.rank}/{self.world_size}, rest_bits={self.rest_bits}")
 
 
+class FrozenContextEmbedding(nn.Embedding):
+    """A full [vocab, dim] embedding whose `weight` parameter is only this rank's block of rows
+    (vocabulary-parallel); the other rows are a frozen QTensor in non-persistent buffers, so `state_dict()`
+    is {"weight": block}. A token in the block reads its trainable row; any other token reads its frozen row,
+    dequantized alone (the full table is never built)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, world_size: int, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, device="meta")
+        if num_embeddings % world_size:
+            raise ValueError(f"vocabulary {num_embeddings} does not divide by world size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        size = num_embeddings // world_size
+        self.weight = nn.Parameter(torch.empty(size, embedding_dim, device=device, dtype=dtype))
+        self.rest_shape = (num_embeddings - size, embedding_dim)
+        self.rest_bits: Optional[int] = None
+        self.rest_group_size: Optional[int] = None
+        self.register_buffer("rest_data", None, persistent=False)
+        self.register_buffer("rest_scale", None, persistent=False)
+
+    load_rest = FrozenContextLinear.load_rest
+    rest = FrozenContextLinear.rest
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        size = self.weight.shape[0]
+        lo = self.rank * size
+        own = (tokens >= lo) & (tokens < lo + size)  # (B, T)
+        mine = F.embedding((tokens - lo).clamp(0, size - 1), self.weight)  # (B, T, dim); zero grad where not own
+        rest_index = torch.where(tokens >= lo + size, tokens - size, tokens).clamp(0, self.rest_shape[0] - 1)
+        frozen = dequantize(self.rest.rows(rest_index.flatten()), self.weight.dtype).view(*tokens.shape, -1)
+        return torch.where(own[..., None], mine, frozen)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}/{self.world_size}, rest_bits={self.rest_bits}"
+
+
 # ----------------------------------------------------------------------------------------- the model
 
 
 def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state: Mapping[str, torch.Tensor],
-                        rest_q: Mapping[str, QTensor], device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+                        rest_q: Mapping[str, QTensor], device="cpu", dtype: torch.dtype = torch.float32,
+                        vocab_parallel: bool = False) -> Transformer:
     """The full-width Transformer(args) for `rank`: every split linear a FrozenContextLinear holding the
     slice (trainable, in `dtype`) and `rest_q` (frozen, low-bit); replicated parameters trainable.
 
-    `slice_state` is what `shard(full, args, rank, world_size)` returns; `state_dict()` of the result has
-    exactly its keys and shapes. Built on the meta device, so the full model is never allocated."""
-    check_world_size(args, world_size)
-    expected = set(split_names(args))
+    With `vocab_parallel`, `tok_embeddings` is a FrozenContextEmbedding and `output` a FrozenContextLinear
+    split by vocabulary rows, so the softmax still covers the whole vocabulary.
+
+    `slice_state` is what `shard(full, args, rank, world_size, vocab_parallel)` returns; `state_dict()` of
+    the result has exactly its keys and shapes. Built on the meta device, so the full model is never
+    allocated."""
+    check_world_size(args, world_size, vocab_parallel)
+    expected = set(split_names(args, vocab_parallel))
     if set(rest_q) != expected:
         diff = sorted(set(rest_q) ^ expected)
         raise KeyError(f"the frozen rest must hold exactly the split parameters; differs in {diff[:5]}")
@@ -221,8 +306,12 @@ def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             old = getattr(parent, attr)
-            setattr(parent, attr, FrozenContextLinear(old.in_features, old.out_features, rule_for(name), rank,
-                                                      world_size, dtype=dtype))
+            if isinstance(old, nn.Embedding):
+                new = FrozenContextEmbedding(old.num_embeddings, old.embedding_dim, rank, world_size, dtype=dtype)
+            else:
+                new = FrozenContextLinear(old.in_features, old.out_features, rule_for(name, vocab_parallel), rank,
+                                          world_size, dtype=dtype)
+            setattr(parent, attr, new)
     model = model.to_empty(device=device)
     model.load_state_dict(slice_state, strict=True)
     for name in expected:

@@ -244,6 +244,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] int64 -> logits [B, T, vocab] (float32 when the weights are)."""
+        return self.output(self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> the final-norm hidden states [B, T, dim] that `output` maps to logits (training
+        computes the loss from these in chunks, never holding all [B*T, vocab] logits: chunked_loss.py)."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
@@ -254,7 +259,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.norm(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

@@ -56,6 +56,13 @@ class QTensor:
         n = self.data.numel() * self.data.element_size()
         return n + (0 if self.scale is None else self.scale.numel() * self.scale.element_size())
 
+    def rows(self, index: torch.Tensor | slice) -> "QTensor":
+        """The QTensor of rows `index` (an int64 index tensor or a slice): data and scales are stored per row,
+        so any rows can be dequantized without the rest (an embedding lookup, a block of output rows)."""
+        data = self.data[index]
+        scale = None if self.scale is None else self.scale[index]
+        return QTensor(data, scale, self.bits, (data.shape[0], self.shape[1]), self.group_size)
+
     def to(self, device) -> "QTensor":
         scale = None if self.scale is None else self.scale.to(device)
         return QTensor(self.data.to(device), scale, self.bits, self.shape, self.group_size)

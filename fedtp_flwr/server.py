@@ -64,7 +64,7 @@ def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], i
 
 def check_config_world_size(args: ModelArgs, cfg: RunConfig) -> None:
     try:
-        check_world_size(args, cfg.world_size)
+        check_world_size(args, cfg.world_size, cfg.vocab_parallel)
     except ValueError as e:
         raise ConfigError(f"config key 'world-size': {e}") from None
 

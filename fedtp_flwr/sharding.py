@@ -6,10 +6,16 @@ No other module knows a split dimension. nn.Linear weights are [out, in], so a c
 Contiguous blocks keep grouped-query attention intact: rank k holds kv heads
 [k*n_kv/W, (k+1)*n_kv/W) and exactly the query heads that read them (query head h reads kv head
 h // (n_heads/n_kv_heads)), so a slice is itself a valid, smaller Llama.
+
+Vocabulary parallelism (`vocab_parallel=True`, context mode only): `tok_embeddings` and `output` are split
+by vocabulary rows too (rank k holds rows [k*V/W, (k+1)*V/W)). A context-mode client has every other row
+in its frozen low-bit context, so its softmax still runs over the whole vocabulary. An independent
+sub-model has no other rows, so there the same rules read as "replicate" (`vocab_parallel=False`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
@@ -22,7 +28,7 @@ from .model import ModelArgs
 @dataclass(frozen=True)
 class Split:
     dim: int  # 0: output rows (column-parallel), 1: input columns (row-parallel)
-    unit: str  # what is divided among ranks: "heads", "kv_heads" or "hidden"
+    unit: str  # what is divided among ranks: "heads", "kv_heads", "hidden" or "vocab"
 
 
 REPLICATE = None
@@ -36,43 +42,53 @@ SHARDING_PLAN: dict[str, Optional[Split]] = {
     r"layers\.\d+\.feed_forward\.w1\.weight": Split(0, "hidden"),
     r"layers\.\d+\.feed_forward\.w3\.weight": Split(0, "hidden"),
     r"layers\.\d+\.feed_forward\.w2\.weight": Split(1, "hidden"),
-    r"tok_embeddings\.weight": REPLICATE,
+    r"tok_embeddings\.weight": Split(0, "vocab"),  # [vocab, dim]: split only when vocab_parallel
+    r"output\.weight": Split(0, "vocab"),  # [vocab, dim]: split only when vocab_parallel
     r"layers\.\d+\.(attention_norm|ffn_norm)\.weight": REPLICATE,
     r"norm\.weight": REPLICATE,
-    r"output\.weight": REPLICATE,
 }
 _COMPILED = [(re.compile(p), rule) for p, rule in SHARDING_PLAN.items()]
 
 
-def rule_for(name: str) -> Optional[Split]:
-    """The plan's rule for a parameter name; an unknown name is an error, never a silent copy."""
+def rule_for(name: str, vocab_parallel: bool = False) -> Optional[Split]:
+    """The plan's rule for a parameter name; an unknown name is an error, never a silent copy.
+    Vocabulary rules read as REPLICATE unless `vocab_parallel`."""
     matches = [rule for pattern, rule in _COMPILED if pattern.fullmatch(name)]
     if len(matches) != 1:
         raise KeyError(
             f"parameter {name!r} matches {len(matches)} sharding rules (expected exactly 1); "
             f"rules: {list(SHARDING_PLAN)}"
         )
-    return matches[0]
+    rule = matches[0]
+    if rule is not REPLICATE and rule.unit == "vocab" and not vocab_parallel:
+        return REPLICATE
+    return rule
 
 
-def is_split(name: str) -> bool:
-    return rule_for(name) is not REPLICATE
+def is_split(name: str, vocab_parallel: bool = False) -> bool:
+    return rule_for(name, vocab_parallel) is not REPLICATE
 
 
-def valid_world_sizes(args: ModelArgs) -> list[int]:
-    """World sizes that divide every split unit (n_heads, n_kv_heads, hidden_dim)."""
-    return [w for w in range(1, args.n_kv_heads + 1) if _divides(args, w)]
+def valid_world_sizes(args: ModelArgs, vocab_parallel: bool = False) -> list[int]:
+    """World sizes that divide every split unit (n_heads, n_kv_heads, hidden_dim; vocab_size if vocab_parallel)."""
+    return [w for w in range(1, args.n_kv_heads + 1) if _divides(args, w, vocab_parallel)]
 
 
-def _divides(args: ModelArgs, w: int) -> bool:
-    return args.n_heads % w == 0 and args.n_kv_heads % w == 0 and args.hidden_dim % w == 0
+def _divides(args: ModelArgs, w: int, vocab_parallel: bool = False) -> bool:
+    units = (args.n_heads, args.n_kv_heads, args.hidden_dim) + ((args.vocab_size,) if vocab_parallel else ())
+    return all(u % w == 0 for u in units)
 
 
-def check_world_size(args: ModelArgs, world_size: int) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1 or not _divides(args, world_size):
+def check_world_size(args: ModelArgs, world_size: int, vocab_parallel: bool = False) -> None:
+    """Refuses a world size that does not divide every split unit (vocabularies of other sizes are refused,
+    not split into unequal blocks: every rank's slice has one shape, which the reply checks rely on)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1 or not _divides(
+            args, world_size, vocab_parallel):
+        vocab = f", and vocab_size={args.vocab_size} (vocabulary-parallel)" if vocab_parallel else ""
         raise ValueError(
             f"world size {world_size!r} must divide n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} "
-            f"and the FFN hidden size {args.hidden_dim}; valid world sizes: {valid_world_sizes(args)}"
+            f"and the FFN hidden size {args.hidden_dim}{vocab}; valid world sizes: "
+            f"{valid_world_sizes(args, vocab_parallel)}"
         )
 
 
@@ -93,14 +109,15 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
 
 
-def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, world_size: int,
+          vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
     """Rank `rank`'s slice of a full state dict. Returns views (no copy of the model): split parameters
     are narrowed along their split dim; replicated parameters are the same tensors."""
-    check_world_size(args, world_size)
+    check_world_size(args, world_size, vocab_parallel)
     _check_rank(rank, world_size)
     out = {}
     for name, t in state_dict.items():
-        rule = rule_for(name)
+        rule = rule_for(name, vocab_parallel)
         if rule is REPLICATE:
             out[name] = t
         else:
@@ -110,34 +127,53 @@ def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, wo
                     f"parameter {name!r} has shape {tuple(t.shape)}; the plan splits dim {rule.dim}, "
                     f"which must be {full} for these ModelArgs"
                 )
-            size = full // world_size
-            out[name] = t.narrow(rule.dim, rank * size, size)
+            lo, size = block(args, rule, rank, world_size)
+            out[name] = t.narrow(rule.dim, lo, size)
     return out
+
+
+def block(args: ModelArgs, rule: Split, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, size) of rank's contiguous block along `rule`'s split dim: the one place this is computed."""
+    size = _unit_rows(args, rule.unit) // world_size
+    return rank * size, size
 
 
 def _unit_rows(args: ModelArgs, unit: str) -> int:
     """Full size of a split dimension: heads * head_dim, kv heads * head_dim, or FFN hidden units."""
     return {"heads": args.n_heads * args.head_dim, "kv_heads": args.n_kv_heads * args.head_dim,
-            "hidden": args.hidden_dim}[unit]
+            "hidden": args.hidden_dim, "vocab": args.vocab_size}[unit]
 
 
-def slice_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every parameter of one rank's slice (the same for every rank)."""
+def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape in the full model, in state-dict order (built on the meta device: no memory)."""
     from .model import Transformer
 
     with torch.device("meta"):
-        sub = Transformer(shard_args(args, world_size))
-    return {k: tuple(v.shape) for k, v in sub.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+
+
+def slice_shapes(args: ModelArgs, world_size: int, vocab_parallel: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of one rank's slice (the same for every rank)."""
+    check_world_size(args, world_size, vocab_parallel)
+    out = {}
+    for name, shape in full_shapes(args).items():
+        rule = rule_for(name, vocab_parallel)
+        shape = list(shape)
+        if rule is not REPLICATE:
+            shape[rule.dim] //= world_size
+        out[name] = tuple(shape)
+    return out
 
 
 def merge(
-    shards: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, weights: Optional[Sequence[float]] = None
+    shards: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, weights: Optional[Sequence[float]] = None,
+    vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Inverse of shard. `shards` are in rank order (len = world size). Split parameters are concatenated;
     replicated parameters are averaged (with `weights`, normalised), or taken as they are when every
     shard holds the same values, so merge(shard(...)) is the identity bit for bit."""
     world_size = len(shards)
-    check_world_size(args, world_size)
+    check_world_size(args, world_size, vocab_parallel)
     keys = list(shards[0].keys())
     for r, s in enumerate(shards[1:], start=1):
         if set(s.keys()) != set(keys):
@@ -150,7 +186,7 @@ def merge(
     total = float(sum(weights))
     out = {}
     for name in keys:
-        rule = rule_for(name)
+        rule = rule_for(name, vocab_parallel)
         parts = [s[name] for s in shards]
         if rule is not REPLICATE:
             out[name] = torch.cat(parts, dim=rule.dim)
@@ -164,11 +200,8 @@ def merge(
     return out
 
 
-def split_fraction(args: ModelArgs) -> float:
-    """Fraction of all parameters that the plan splits (78.15% for Llama 3.2 3B)."""
-    from .model import Transformer
-
-    with torch.device("meta"):
-        sd = Transformer(args).state_dict()
-    total = sum(t.numel() for t in sd.values())
-    return sum(t.numel() for k, t in sd.items() if is_split(k)) / total
+def split_fraction(args: ModelArgs, vocab_parallel: bool = False) -> float:
+    """Fraction of all parameters that the plan splits (78.15% for Llama 3.2 3B; ~100% vocab-parallel)."""
+    shapes = full_shapes(args)
+    total = sum(math.prod(s) for s in shapes.values())
+    return sum(math.prod(s) for k, s in shapes.items() if is_split(k, vocab_parallel)) / total

@@ -64,7 +64,7 @@ class FederatedTensorParallel(Strategy):
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
-        self.expected_shapes = slice_shapes(args, self.world_size)
+        self.expected_shapes = slice_shapes(args, self.world_size, cfg.vocab_parallel)
         self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
         self.current: ArrayRecord | None = None  # the global model sent out this round
         # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
@@ -79,9 +79,10 @@ class FederatedTensorParallel(Strategy):
         state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views, no copy of the model
         out = {}
         for r in sorted(set(ranks)):
-            records = {"arrays": encode(shard(state, self.args, r, self.world_size), self.cfg.wire_dtype)}
+            vocab = self.cfg.vocab_parallel
+            records = {"arrays": encode(shard(state, self.args, r, self.world_size, vocab), self.cfg.wire_dtype)}
             if self.cfg.slice_mode == "context":
-                rest = quantize_rest(context_rest(state, self.args, r, self.world_size), self.cfg.context_bits,
+                rest = quantize_rest(context_rest(state, self.args, r, self.world_size, vocab), self.cfg.context_bits,
                                      self.cfg.context_group_size or None)
                 records["context"] = ArrayRecord({k: Array(t.numpy()) for k, t in rest_to_arrays(rest).items()})
             out[r] = records
@@ -98,7 +99,8 @@ class FederatedTensorParallel(Strategy):
             cfg = ConfigRecord(dict(config))
             cfg.update({"rank": ranks[node], "world-size": self.world_size, "server-round": server_round,
                         "model-args": model_args, "wire-dtype": self.cfg.wire_dtype, "slice-mode": self.cfg.slice_mode,
-                        "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size})
+                        "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size,
+                        "vocab-parallel": self.cfg.vocab_parallel})
             content = RecordDict({**records[ranks[node]], "config": cfg})
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
         if message_type == MessageType.TRAIN:
@@ -164,7 +166,7 @@ class FederatedTensorParallel(Strategy):
             log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", server_round, untrained)
         global_state = decode(self.current, "float32", dtype=None, copy=False)
         merged = aggregate_slices(global_state, [Contribution(r, s, n) for _, r, s, n in good], self.args,
-                                  self.world_size, self.cfg.effective_merge_weighting)
+                                  self.world_size, self.cfg.effective_merge_weighting, self.cfg.vocab_parallel)
         merged_record = encode(merged, "float32")
         metrics = aggregate_metricrecords([m.content for m, _, _, _ in good], "num-examples")
         if type(self.inner) in (FedAvg, FedProx):

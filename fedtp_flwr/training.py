@@ -20,15 +20,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .chunked_loss import chunked_token_loss
 from .data.loss import IGNORE_INDEX, perplexity, token_loss  # the one definition of the loss
 
 __all__ = [
-    "IGNORE_INDEX", "TrainSettings", "add_proximal_grad", "autocast_dtype", "evaluate", "lr_at",
-    "make_optimizer", "param_groups", "resolve_device", "token_loss", "train_local",
+    "IGNORE_INDEX", "InBackwardOptimizer", "OPTIMIZERS", "TrainSettings", "add_proximal_grad", "autocast_dtype",
+    "evaluate", "lr_at", "make_optimizer", "param_groups", "resolve_device", "set_lr", "token_loss", "train_local",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+# Local optimizers: torch's AdamW (float32 state, 8 B per parameter), or torchao's AdamW with 8-bit or 4-bit
+# block-quantized state (~2 B / ~1 B per parameter). All three take bfloat16 weights too: then the update is
+# applied with stochastic rounding (torchao), so no float32 master copy is needed.
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -56,6 +61,9 @@ class TrainSettings:
     seed: int = 42
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_ref||^2 to the objective
     progress: bool = False  # tqdm bar over local steps
+    optimizer: str = "adamw"  # one of OPTIMIZERS
+    optimizer_in_backward: bool = False  # step each parameter as soon as its gradient is ready; no grad buffers
+    loss_chunk_tokens: int = 0  # > 0: compute the loss this many tokens at a time (chunked_loss.py); 0: at once
 
     def __post_init__(self):
         def bad(field: str, allowed: str):
@@ -101,6 +109,17 @@ class TrainSettings:
             raise bad("proximal_mu", "a finite number >= 0")
         if not isinstance(self.progress, bool):
             raise bad("progress", "True or False")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {OPTIMIZERS}")
+        if not isinstance(self.optimizer_in_backward, bool):
+            raise bad("optimizer_in_backward", "True or False")
+        if self.optimizer_in_backward and (self.grad_accum_steps != 1 or self.max_grad_norm):
+            raise ValueError(
+                "optimizer_in_backward steps each parameter during backward, so it cannot accumulate gradients "
+                "over micro-batches or clip their global norm: it needs grad_accum_steps=1 and max_grad_norm=0, "
+                f"got grad_accum_steps={self.grad_accum_steps}, max_grad_norm={self.max_grad_norm}")
+        if not is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
+            raise bad("loss_chunk_tokens", "an integer >= 0")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -196,18 +215,83 @@ def param_groups(model: nn.Module, weight_decay: float, trainable: Optional[set[
 
 def make_optimizer(
     model: nn.Module, settings: TrainSettings, trainable: Optional[set[str]] = None
-) -> torch.optim.AdamW:
-    """torch.optim.AdamW over `param_groups`, with torch's default AdamW semantics. Uses the fused
-    kernel where this torch has one for the parameters' device and dtype, else the foreach one."""
+) -> torch.optim.Optimizer:
+    """settings.optimizer over `param_groups`, with torch's AdamW semantics (decoupled weight decay):
+    - "adamw" on float32 weights: torch.optim.AdamW (its fused kernel where this torch has one for the
+      parameters' device and dtype, else the foreach one: the same math);
+    - "adamw8bit" / "adamw4bit", or any optimizer on bfloat16 weights: torchao's AdamW (8-bit / 4-bit
+      block-quantized state; bf16 weights updated with stochastic rounding)."""
     groups = param_groups(model, settings.weight_decay, trainable)
+    return _build_optimizer(groups, settings)
+
+
+def _build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim.Optimizer:
     kwargs = dict(lr=settings.learning_rate, betas=settings.betas, eps=settings.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
+    if settings.optimizer == "adamw" and not bf16:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # no fused kernel for this device/dtype in this torch
+            return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    import torchao.optim  # imported only when chosen: it compiles its step with torch.compile (~30 s once on a CPU)
+
+    cls = {"adamw": torchao.optim._AdamW, "adamw8bit": torchao.optim.AdamW8bit,
+           "adamw4bit": torchao.optim.AdamW4bit}[settings.optimizer]
+    return cls(groups, bf16_stochastic_round=bf16, **kwargs)
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate (torchao keeps it as a tensor, to be filled in place)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class InBackwardOptimizer:
+    """The optimizer step taken inside backward (as torchtune's optimizer-in-backward): one optimizer per
+    parameter, stepped by a hook as soon as that parameter's gradient is complete, which then frees the
+    gradient. So at most the gradients of the parameters backward is working on exist at once, never a
+    gradient buffer for the whole model. Global-norm clipping and gradient accumulation are impossible
+    this way (TrainSettings refuses them). FedProx's proximal gradient is added in the hook.
+
+    Looks like an optimizer to train_local: `param_groups` (for the learning rate), `step()` and
+    `zero_grad()` (no-ops: the work happens in backward); call `remove()` to detach the hooks."""
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, trainable: Optional[set[str]] = None):
+        self.optimizers: dict[nn.Parameter, torch.optim.Optimizer] = {}
+        for group in param_groups(model, settings.weight_decay, trainable):
+            for p in group["params"]:
+                self.optimizers[p] = _build_optimizer([{"params": [p], "weight_decay": group["weight_decay"]}], settings)
+        self.prox: dict[nn.Parameter, torch.Tensor] = {}
+        self.mu = 0.0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @torch.no_grad()
+    def _step(self, p: nn.Parameter) -> None:
+        if p in self.prox:
+            add_proximal_grad([(p, self.prox[p])], self.mu)
+        self.optimizers[p].step()
+        p.grad = None
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def _optimizer_params(optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -316,7 +400,9 @@ def train_local(
     """
     device = _model_device(model)
     amp_dtype = autocast_dtype(settings.precision, device)
-    optimizer = optimizer if optimizer is not None else make_optimizer(model, settings)
+    in_backward = optimizer is None and settings.optimizer_in_backward
+    if optimizer is None:
+        optimizer = InBackwardOptimizer(model, settings) if in_backward else make_optimizer(model, settings)
     params = _optimizer_params(optimizer)
     pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
     if settings.proximal_mu > 0:
@@ -324,6 +410,8 @@ def train_local(
             named = {id(p): n for n, p in model.named_parameters()}
             prox_reference = {named[id(p)]: p.detach().clone() for p in params}
         pairs = _prox_pairs(model, params, prox_reference)
+        if in_backward:  # added in each parameter's hook, before its step
+            optimizer.prox, optimizer.mu, pairs = dict(pairs), settings.proximal_mu, []
     clip = settings.max_grad_norm or 0.0
     was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", False)
     model.train()
@@ -345,16 +433,17 @@ def train_local(
                 if step_tokens == 0:
                     raise ValueError(f"local step {step + 1}: its micro-batches hold no target tokens (all padding)")
                 lr = lr_at(step, settings)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 model.zero_grad(set_to_none=True)
                 step_nll = torch.zeros((), device=device)
                 for inputs, targets in micro:
                     inputs = inputs.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
-                    with _autocast(device, amp_dtype):
-                        logits = model(inputs)
-                    nll, _ = token_loss(logits, targets)
+                    nll = _loss(model, inputs, targets, device, amp_dtype, settings.loss_chunk_tokens)
+                    if in_backward and not math.isfinite(nll.item()):  # backward would step the weights
+                        raise FloatingPointError(
+                            f"non-finite training loss at local step {step + 1}/{settings.local_steps}; the "
+                            "weights were not updated. Try a lower learning_rate or precision='fp32'.")
                     (nll / step_tokens).backward()
                     step_nll += nll.detach()
                     total_examples += inputs.shape[0]
@@ -374,6 +463,8 @@ def train_local(
                 total_tokens += step_tokens
                 bar.set_postfix(loss=f"{nll_value / step_tokens:.4f}", lr=f"{lr:.2e}")
     finally:
+        if in_backward:
+            optimizer.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         if hasattr(model, "gradient_checkpointing"):
@@ -389,6 +480,16 @@ def train_local(
         "seconds": seconds,
         "tokens_per_second": total_tokens / seconds if seconds > 0 else float("inf"),
     }
+
+
+def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+          amp_dtype: Optional[torch.dtype], chunk_tokens: int) -> torch.Tensor:
+    """Summed NLL of one micro-batch: from the full logits, or in chunks of `chunk_tokens` (a Transformer)."""
+    with _autocast(device, amp_dtype):
+        if chunk_tokens > 0 and hasattr(model, "hidden_states"):
+            return chunked_token_loss(model.hidden_states(inputs), model.output, targets, chunk_tokens)
+        logits = model(inputs)
+    return token_loss(logits, targets)[0]
 
 
 def _next_batch(batches: Iterator, step: int, micro: int, settings: TrainSettings):

@@ -1,0 +1,166 @@
+"""Analytic peak memory of a client's local training, from the client model as the client builds it.
+
+A memory option is a set of run-config keys (`slice-mode`, `context-bits`, `context-group-size`,
+`vocab-parallel`, `client-param-dtype`, `optimizer`, `optimizer-in-backward`, `precision`,
+`gradient-checkpointing`, `loss-chunk-tokens`). `client_peak` builds the very model a client would build
+for those keys (independent: the sub-model; context: the full-width model with its frozen low-bit rest) on
+the meta device, and counts, in bytes:
+
+- weights: the trainable parameters, in their dtype (4 B float32, 2 B bfloat16);
+- rest: the frozen low-bit context (the model's buffers: int8/int4 codes and float32 scales, or bf16);
+- optimizer state, per parameter as the optimizer allocates it: torch AdamW 8 B (float32 exp_avg and
+  exp_avg_sq); torchao's AdamW on bf16 weights 4 B (bf16 state); torchao AdamW8bit 2 x (1 B + a float32
+  scale per 256 values), AdamW4bit 2 x (0.5 B + a float32 scale per 128 values), for tensors of at least
+  4096 values that divide into blocks; smaller tensors keep a plain state in the weight's dtype;
+- gradients, in the weight's dtype: all of them at the end of backward; with the optimizer step in
+  backward only the ones of the block backward is working on (each is freed by its step);
+- activations: what autograd saves in one forward, counted per block on the meta device
+  (`_common.activation_profile`), attention as a flash kernel saves it, bf16 autocast emulated; with
+  gradient checkpointing each block keeps only its input and one block is recomputed at a time;
+- transients of the loss: one chunk's float32 logits, their float32 gradient and its compute-dtype copy
+  (all tokens at once when `loss-chunk-tokens` is 0), the output weight's gradient accumulator (in its dtype), and
+  the output weight's compute-dtype copy (bf16 autocast on float32 weights) or one 32 MiB block of
+  dequantized frozen rows (vocabulary-parallel).
+
+Backward walks the blocks in reverse; while it works on block b, the activations of blocks <= b are alive,
+and the gradients of blocks >= b (all of them, or only b's with the step in backward) exist, as do b's
+transients. The peak is weights + rest + state + the largest of these. Not counted: kernel workspaces,
+the allocator's fragmentation, the CUDA context (~0.5 GB per process on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import torch
+from torch import nn
+
+import _common
+from fedtp_flwr import chunked_loss, context
+from fedtp_flwr.context import build_context_model, rest_shapes
+from fedtp_flwr.model import ModelArgs, Transformer
+from fedtp_flwr.quant import QTensor, layout
+from fedtp_flwr.sharding import shard_args, slice_shapes
+
+# The run-config keys of a memory option, with today's defaults (README: "Llama 3.2 3B on GPUs").
+BASELINE = {"slice-mode": "independent", "context-bits": 4, "context-group-size": 64, "vocab-parallel": False,
+            "client-param-dtype": "float32", "optimizer": "adamw", "optimizer-in-backward": False,
+            "precision": "bf16", "gradient-checkpointing": True, "loss-chunk-tokens": 0}
+
+
+def _dtype(opts: dict) -> torch.dtype:
+    return torch.bfloat16 if opts["client-param-dtype"] == "bfloat16" else torch.float32
+
+
+def _meta_qtensor(shape: tuple[int, int], bits: int, group_size: int | None) -> QTensor:
+    data_shape, data_dtype, scale_shape = layout(shape, bits, group_size)
+    data = torch.empty(data_shape, dtype=data_dtype, device="meta")
+    scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device="meta")
+    return QTensor(data, scale, bits, tuple(shape), group_size)
+
+
+def client_model(args: ModelArgs, world_size: int, opts: dict) -> nn.Module:
+    """The model a client builds for these options, on the meta device (W=1 is always the full model)."""
+    dtype = _dtype(opts)
+    if opts["slice-mode"] == "context" and world_size > 1:
+        vp = opts["vocab-parallel"]
+        gs = opts["context-group-size"] or None
+        rest = {n: _meta_qtensor(s, opts["context-bits"], gs) for n, s in rest_shapes(args, world_size, vp).items()}
+        state = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in slice_shapes(args, world_size, vp).items()}
+        return build_context_model(args, 0, world_size, state, rest, device="meta", dtype=dtype, vocab_parallel=vp)
+    with torch.device("meta"):
+        return Transformer(shard_args(args, world_size)).to(dtype)
+
+
+def _state_bytes(p: torch.Tensor, optimizer: str) -> int:
+    n, item = p.numel(), p.element_size()
+    if optimizer == "adamw":
+        return 2 * n * item  # torch AdamW (float32) or torchao _AdamW on bf16 weights (bf16 state)
+    block, code_bytes = {"adamw8bit": (256, 1.0), "adamw4bit": (128, 0.5)}[optimizer]
+    if n >= 4096 and n % block == 0:
+        qmap = 4 * (256 if optimizer == "adamw8bit" else 16)
+        return 2 * (int(n * code_bytes) + 4 * (n // block) + qmap)
+    return 2 * n * item
+
+
+def _block_of(name: str) -> str:
+    if name.startswith("layers."):
+        return ".".join(name.split(".")[:2])
+    return "tok_embeddings" if name.startswith("tok_embeddings") else "output"  # norm.weight, output.weight
+
+
+def client_peak(args: ModelArgs, world_size: int, opts: dict, batch: int, seq: int) -> dict:
+    """Analytic peak bytes of local training for `opts` (see the module docstring), with its parts."""
+    opts = {**BASELINE, **opts}
+    model = client_model(args, world_size, opts)
+    dtype = _dtype(opts)
+    autocast = opts["precision"] == "bf16" and dtype == torch.float32
+    params = dict(model.named_parameters())
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    rest = sum(b.numel() * b.element_size() for b in model.buffers())
+    state = sum(_state_bytes(p, opts["optimizer"]) for p in params.values())
+    grads = {}
+    for name, p in params.items():
+        grads.setdefault(_block_of(name), []).append(p.numel() * p.element_size())
+
+    chunk = opts["loss-chunk-tokens"]
+    compute = torch.bfloat16 if autocast else dtype
+    with mock.patch.object(context, "compute_dtype", lambda x, w: compute), \
+            mock.patch.object(chunked_loss, "compute_dtype", lambda x, w: compute):
+        profile = _common.activation_profile(args, batch, seq, autocast=autocast, model=model, chunk_tokens=chunk)
+    rows = batch * seq if chunk == 0 else min(chunk, batch * seq)
+    out_w = model.output.weight
+    vocab = args.vocab_size
+    loss_transient = rows * vocab * (4 + 4 + (2 if compute == torch.bfloat16 else 4))
+    if chunk:
+        loss_transient += out_w.numel() * out_w.element_size()  # the output weight's gradient accumulator
+        if hasattr(model.output, "slice_grad"):  # vocabulary-parallel: one block of dequantized frozen rows
+            loss_transient += min(32 * 2**20, (vocab - out_w.shape[0]) * args.dim * compute.itemsize)
+            loss_transient += out_w.numel() * compute.itemsize if compute != dtype else 0
+        elif compute != dtype:
+            loss_transient += out_w.numel() * compute.itemsize  # the bf16 copy of the whole output weight
+    else:
+        loss_transient = 2 * batch * seq * vocab * 4  # float32 logit gradient and log-softmax (as before)
+    for b in profile:
+        b["transient"] = loss_transient if b["block"] == "output" else 0
+    if opts["gradient-checkpointing"]:
+        block_input = batch * seq * args.dim * dtype.itemsize  # the residual stream a block keeps
+        for b in profile:
+            if b["block"].startswith("layers."):
+                b["transient"] += b["saved"]  # recomputed in backward, one block at a time
+                b["saved"] = block_input
+    in_bwd = opts["optimizer-in-backward"]
+    live = 0
+    for i, b in enumerate(profile):
+        if in_bwd:
+            g = max(grads.get(b["block"], [0]))
+        else:
+            g = sum(sum(grads.get(x["block"], [])) for x in profile[i:])
+        live = max(live, sum(x["saved"] for x in profile[: i + 1]) + g + b["transient"])
+    if not in_bwd:
+        live = max(live, sum(sum(v) for v in grads.values()))  # all gradients, between backward and step
+    peak = weights + rest + state + live
+    return {"params": sum(p.numel() for p in params.values()), "weights": weights, "rest": rest, "state": state,
+            "grads": sum(sum(v) for v in grads.values()), "activations": sum(b["saved"] for b in profile),
+            "loss_transient": loss_transient, "peak": peak}
+
+
+def gb(x: float) -> float:
+    return round(x / 1e9, 2)
+
+
+def llama31(name: str) -> ModelArgs:
+    """Llama 3.1 8B and 70B (Meta's params.json; RoPE scaling factor 8)."""
+    common = dict(vocab_size=128256, multiple_of=1024, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+                  rope_scale_factor=8.0, max_seq_len=131072)
+    if name == "llama3.1-8b":
+        return ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, **common)
+    if name == "llama3.1-70b":
+        return ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, **common)
+    raise ValueError(name)
+
+
+def n_params(args: ModelArgs) -> int:
+    with torch.device("meta"):
+        return sum(math.prod(p.shape) for p in Transformer(args).parameters())
