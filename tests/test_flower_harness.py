@@ -5,6 +5,7 @@ ArrayRecord and a ClientApp whose ``train`` adds ``1 + partition-id``. Run-confi
 make the ServerApp or the ClientApp raise, to check how failures surface.
 
 Every test is also checked for leftover Flower/Ray processes (see ``no_leftovers``).
+The tests that start Flower processes are marked slow.
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ def test_tls_files_and_node_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Simulation
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_simulation_completes(toy_app: Path, tmp_path: Path) -> None:
     res = fh.run_simulation(
         toy_app,
@@ -244,6 +246,7 @@ def test_simulation_completes(toy_app: Path, tmp_path: Path) -> None:
     assert res.non_loopback_listeners == []
 
 
+@pytest.mark.slow
 def test_simulation_failure_is_reported(toy_app: Path) -> None:
     res = fh.run_simulation(toy_app, {"fail-server": True}, timeout_s=180)
     # `flwr run --stream` succeeds although the ServerApp raised: only the status says so
@@ -257,6 +260,7 @@ def test_simulation_failure_is_reported(toy_app: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Deployment
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deployment_two_supernodes(toy_app: Path, tmp_path: Path) -> None:
     node_configs = [
         {"partition-id": i, "num-partitions": 2, "data-path": f"/data/part{i}.jsonl"}
@@ -294,6 +298,7 @@ def test_deployment_two_supernodes(toy_app: Path, tmp_path: Path) -> None:
     assert (tmp_path / "dep" / "logs" / "superlink.log").is_file()
 
 
+@pytest.mark.slow
 def test_deployment_tls_and_supernode_auth(toy_app: Path) -> None:
     with fh.Deployment(tls=True, supernode_auth=True) as dep:
         assert "--ssl-certfile" in dep.superlink.args
@@ -323,6 +328,7 @@ def test_deployment_tls_and_supernode_auth(toy_app: Path) -> None:
     assert "Failed to activate SuperNode" in dep.output(bad.name)
 
 
+@pytest.mark.slow
 def test_marker_env_reaches_children() -> None:
     """The leftover check relies on the marker being inherited by started processes."""
     with fh.Deployment() as dep:

@@ -6,167 +6,30 @@ falls, the three outputs are in the seed's formats, and every node gets a slice 
 never the full model. A bad config value ends the run as failed with a message naming the key.
 
 tests/flower_harness.py gives each run a private FLWR_HOME, Ray temp dir and ports, and stops every
-process it started (a leftover fails the test).
+process it started (a leftover fails the test: conftest.py's no_leftover_processes). The run settings and the
+checks of the outputs and logs are in tests/conftest.py. All tests here are marked slow.
 """
 
 from __future__ import annotations
 
-import math
-import pickle
-import re
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 try:
     import flower_harness as fh
 except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
     from tests import flower_harness as fh  # type: ignore[no-redef]
 
-from fedtp_flwr.model import build_model, preset_args
-from fedtp_flwr.outputs import read_results
-from fedtp_flwr.sharding import slice_shapes
+try:  # the run settings, output checks and log parsers shared with test_flower_deployment.py
+    from conftest import APP_DIR, EVAL_RE, ROUNDS, check_outputs, check_slices, small_config
+except ImportError:  # collected as a package
+    from tests.conftest import APP_DIR, EVAL_RE, ROUNDS, check_outputs, check_slices, small_config  # type: ignore
 
-APP_DIR = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
-ROUNDS = 2
-LR = 0.001
-SEED = 42
-
-
-def small_config(output_dir: Path, **overrides) -> dict:
-    """A quick run: tiny preset, 3 local steps of 2 x 32 tokens, 2 x 4 x 32 held-out tokens.
-    output-dir must be absolute: a relative one resolves against the ServerApp process's directory."""
-    return {"num-server-rounds": ROUNDS, "world-size": WORLD_SIZE, "local-steps": 3, "batch-size": 2,
-            "max-seq-len": 32, "eval-batches": 2, "max-batch-size": 4, "learning-rate": LR, "seed": SEED,
-            "output-dir": str(output_dir.resolve()), **overrides}
-
-
-MARKER = "FEDTP_E2E_TEST_ID"
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers(monkeypatch: pytest.MonkeyPatch):
-    """Fail a test that leaves a process behind (found by a marker every started process inherits)."""
-    test_id = uuid.uuid4().hex
-    monkeypatch.setenv(MARKER, test_id)
-    yield
-    deadline = time.monotonic() + 10
-    while (ours := fh.processes_with_env(MARKER, test_id)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not ours, f"processes left behind: {ours}"
-
-
-# ------------------------------------------------------------------------------------------- log parsing
-
-RANKS_RE = re.compile(r"round (\d+): node -> rank \{([^}]*)\}; sending ([\d.]+) MB \((\w+) slices")
-CLIENT_RE = re.compile(r"round (\d+): received the rank (\d+)/(\d+) slice: (\d+) parameters in (\d+) arrays "
-                       r"\(([\d.]+) MB (\w+)\); training on (\S+), (\d+) local examples")
-METRICS_RE = re.compile(r"train metrics: (\{[^}]*\})")
-EVAL_RE = re.compile(r"round (\d+): held-out loss ([\d.]+), perplexity ([\d.]+)")
-
-
-def node_ranks(log_text: str) -> dict[int, dict[int, int]]:
-    """round -> {node id: rank}, from the strategy's per-round line."""
-    out = {}
-    for m in RANKS_RE.finditer(log_text):
-        pairs = [p.split(":") for p in m.group(2).split(",") if p.strip()]
-        out[int(m.group(1))] = {int(n): int(r) for n, r in pairs}
-    return out
-
-
-def sent_mb(log_text: str) -> dict[int, float]:
-    return {int(m.group(1)): float(m.group(3)) for m in RANKS_RE.finditer(log_text)}
-
-
-def client_lines(text: str) -> list[dict]:
-    return [dict(round=int(m.group(1)), rank=int(m.group(2)), world_size=int(m.group(3)), params=int(m.group(4)),
-                 arrays=int(m.group(5)), mb=float(m.group(6)), wire=m.group(7), device=m.group(8),
-                 examples=int(m.group(9))) for m in CLIENT_RE.finditer(text)]
-
-
-def train_metrics(log_text: str) -> list[dict]:
-    import ast
-
-    return [ast.literal_eval(m.group(1)) for m in METRICS_RE.finditer(log_text)]
-
-
-# ---------------------------------------------------------------------------------------- output checks
-
-def slice_parameter_count(world_size: int = WORLD_SIZE) -> tuple[int, int]:
-    """(parameters, arrays) of one rank's slice of llama3.2-tiny (the same for every rank)."""
-    shapes = slice_shapes(preset_args("llama3.2-tiny"), world_size)
-    return sum(math.prod(s) for s in shapes.values()), len(shapes)
-
-
-def full_parameter_count() -> int:
-    return sum(t.numel() for t in build_model(preset_args("llama3.2-tiny"), device="meta", seed=None).parameters())
-
-
-def check_outputs(out: Path, rounds: int, world_size: int = WORLD_SIZE) -> list[tuple[int, float, float]]:
-    """The seed's three outputs under `out`; returns the results history [(round, loss, perplexity)]."""
-    key = (world_size, LR, False, rounds, SEED)
-    results = read_results(out / "experiment_results_llama32.pkl")  # refuses anything but plain data
-    assert results == pickle.loads((out / "experiment_results_llama32.pkl").read_bytes())
-    assert list(results) == [key]
-    history = results[key]
-    assert isinstance(history, list) and all(isinstance(h, tuple) and len(h) == 3 for h in history)
-    assert [r for r, _, _ in history] == list(range(rounds + 1))
-    assert all(math.isfinite(loss) and ppl > 1 for _, loss, ppl in history)
-
-    lines = (out / f"eval_res_llama32_ws{world_size}_r{rounds}.txt").read_text().splitlines()
-    assert len(lines) == rounds + 1
-    for (r, loss, ppl), line in zip(history, lines):
-        m = re.fullmatch(r"Round: (\d+), Loss: ([0-9.eE+-]+), Perplexity: ([0-9.eE+-]+)", line)
-        assert m, line
-        assert int(m.group(1)) == r
-        assert float(m.group(2)) == pytest.approx(loss, rel=1e-4)
-        assert float(m.group(3)) == pytest.approx(ppl, rel=1e-4)
-
-    full_shapes = {k: tuple(v.shape) for k, v in
-                   build_model(preset_args("llama3.2-tiny"), device="meta", seed=None).state_dict().items()}
-    for r in range(1, rounds + 1):
-        path = out / "checkpoints" / f"llama32_tiny_ws{world_size}_lr{LR}_round{r}.pth"
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert {"model_state_dict", "experiment_key", "round", "config"} <= set(ckpt)
-        assert ckpt["round"] == r
-        assert tuple(ckpt["experiment_key"]) == key
-        assert ckpt["config"]["world-size"] == world_size and ckpt["config"]["num-server-rounds"] == rounds
-        state = ckpt["model_state_dict"]
-        assert {k: tuple(v.shape) for k, v in state.items()} == full_shapes
-        assert all(torch.isfinite(v).all() for v in state.values())
-    return history
-
-
-def check_slices(log_text: str, client_text: str, rounds: list[int], nodes: int = 2) -> dict[int, dict[int, int]]:
-    """Each node got a slice of the expected shapes and never the full model, by three independent records:
-    the strategy's bytes sent, each client's own log line, and the clients' aggregated received-parameters."""
-    slice_params, slice_arrays = slice_parameter_count()
-    full = full_parameter_count()
-    assert slice_params < full
-    ranks = node_ranks(log_text)
-    assert sorted(ranks) == rounds, log_text[-4000:]
-    for rnd in rounds:
-        assert len(ranks[rnd]) == nodes and sorted(set(ranks[rnd].values())) == list(range(WORLD_SIZE))
-        # the server sent one float32 slice per node (the log rounds to 0.1 MB; .npy headers add ~3 kB per slice)
-        assert sent_mb(log_text)[rnd] == pytest.approx(nodes * slice_params * 4 / 1e6, abs=0.1)
-        assert sent_mb(log_text)[rnd] < nodes * full * 4 / 1e6 - 1.0
-    lines = client_lines(client_text)
-    assert lines, client_text[-4000:]
-    for line in lines:  # what each client says it received (after loading it into its slice sub-model)
-        assert line["params"] == slice_params and line["arrays"] == slice_arrays, line
-        assert line["world_size"] == WORLD_SIZE and line["wire"] == "float32"
-        assert line["mb"] == pytest.approx(slice_params * 4 / 1e6, abs=0.1)
-    # both ranks reported a slice in the first round (later lines may still be in flight in simulation)
-    assert {ln["rank"] for ln in lines if ln["round"] == rounds[0]} == set(range(WORLD_SIZE)), lines
-    metrics = train_metrics(log_text)
-    assert len(metrics) == len(rounds)
-    for m in metrics:  # weighted mean over the nodes of what each one received: every node got one slice
-        assert m["received-parameters"] == pytest.approx(slice_params)
-    return ranks
+# Every test here runs the app in Flower's simulation runtime (tens of seconds each); none may leave a
+# process behind.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
 
 
 # ----------------------------------------------------------------------------------------------- tests

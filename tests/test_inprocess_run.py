@@ -26,6 +26,7 @@ def go(tmp_path, n_nodes=2, handler=handle, **overrides):
     return grid
 
 
+@pytest.mark.slow  # full in-process rounds of the tiny preset: seconds each
 def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
     grid = go(tmp_path)
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
@@ -44,6 +45,7 @@ def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
         assert sent < full
 
 
+@pytest.mark.slow
 def test_results_file_merges_runs(tmp_path):
     go(tmp_path, **{"num-server-rounds": 1})
     go(tmp_path, **{"num-server-rounds": 1, "seed": 7})
@@ -51,6 +53,7 @@ def test_results_file_merges_runs(tmp_path):
     assert set(results) == {(2, 1e-3, False, 1, 42), (2, 1e-3, False, 1, 7)}
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_round_bit_identical(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     go(a, **{"num-server-rounds": 2})
@@ -64,6 +67,7 @@ def test_resume_continues_at_the_next_round_bit_identical(tmp_path):
     assert [l.split(",")[0] for l in lines] == ["Round: 0", "Round: 1", "Round: 2"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_world_size(tmp_path):
     go(tmp_path / "a", **{"num-server-rounds": 1})
     ckpt = tmp_path / "a" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth"
@@ -71,6 +75,7 @@ def test_resume_refuses_a_checkpoint_of_another_world_size(tmp_path):
         go(tmp_path / "b", **{"world-size": 4, "resume-from": str(ckpt)})
 
 
+@pytest.mark.slow
 def test_a_failing_client_does_not_stop_the_run(tmp_path, caplog):
     def flaky(msg, cfg, node_config):
         if node_config["partition-id"] == 1:
@@ -105,6 +110,7 @@ def test_invalid_config_names_the_key(tmp_path, key, value, match):
         go(tmp_path, **{key: value})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [16, 4])
 def test_context_mode_sends_the_frozen_rest_and_uploads_only_the_slice(tmp_path, bits):
     grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": bits})
@@ -116,6 +122,7 @@ def test_context_mode_sends_the_frozen_rest_and_uploads_only_the_slice(tmp_path,
     assert p1 < p0
 
 
+@pytest.mark.slow
 def test_client_side_slice_evaluation(tmp_path, caplog):
     go(tmp_path, **{"num-server-rounds": 1, "client-eval": True})
     assert "slice evaluation (clients)" in caplog.text and "slice-perplexity" in caplog.text

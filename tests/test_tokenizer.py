@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from fedtp_flwr.data import DataError, Tokenizer
@@ -76,9 +74,7 @@ def test_million_character_input_encodes_and_round_trips(tok):
     """Past tiktoken's ~400k-character limit, with a 60k-character run of one letter and of spaces."""
     text = ("To be, or not to be, that is the question. " * 21_000) + "a" * 60_000 + " " * 60_000 + "end"
     assert len(text) > 1_000_000 > MAX_ENCODE_CHARS
-    start = time.perf_counter()
     ids = tok.encode(text, bos=True, eos=True)
-    assert time.perf_counter() - start < 20
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.decode(ids[1:-1]) == text
 

@@ -440,6 +440,7 @@ def test_training_lowers_held_out_loss_on_learnable_data():
     assert metrics["train_loss"] < before
 
 
+@pytest.mark.slow  # ~14 s on 2 CPU cores
 def test_training_lowers_held_out_loss_on_builtin_corpus():
     """10 seeded steps of the tiny preset (real Llama 3 vocabulary) on the built-in corpus, packed rows of 64
     tokens, batch 4, lower the loss on the held-out play. tok_embeddings is frozen: its dense 128256-row
