@@ -175,13 +175,14 @@ def pretrain(a) -> tuple[Path, dict]:
 # ------------------------------------------------------------------------------------------ phase B
 
 
-def run_config(a, name: str, seed: int, ckpt: Path) -> dict:
-    c = CONFIGS[name]
+def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, tokenizer: str = "bytes") -> dict:
+    """One federated run of config `name` (CONFIGS[name], or the run-config keys `c`) through server.run."""
+    c = CONFIGS[name] if c is None else c
     nodes = [{"data-path": str(CORPUS_TRAIN / f"{play}.jsonl"), "partition-id": i} for i, play in enumerate(FINETUNE_PLAYS)]
     with tempfile.TemporaryDirectory(prefix="lq-") as tmp:
         cfg = {
             "num-server-rounds": a.rounds, "local-steps": a.local_steps, "learning-rate": a.lr, "seed": seed,
-            "checkpoint-dir": str(ckpt), "tokenizer-path": "bytes", "eval-data": str(EVAL_FILE),
+            "checkpoint-dir": str(ckpt), "tokenizer-path": tokenizer, "eval-data": str(EVAL_FILE),
             "max-seq-len": a.seq, "batch-size": a.batch, "max-batch-size": 8, "eval-batches": a.eval_batches,
             "packing": True, "min-available-nodes": len(nodes), "swap-period": a.swap_period, "device": "cpu",
             "precision": "fp32", "lr-schedule": "constant", "weight-decay": 0.01, "max-grad-norm": 1.0,

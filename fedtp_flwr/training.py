@@ -249,34 +249,56 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+# Largest number of values one optimizer step of InBackwardOptimizer updates at once. torchao's low-bit
+# steps need temporaries of several bytes per value (measured on the CPU: 26 B for 4-bit, 8 B for 8-bit
+# state), so a 3B vocabulary slice (49M values at W=8) would need 1.3 GB for one step; row blocks of at most
+# this many values bound it to ~55 MB.
+STEP_BLOCK_VALUES = 2**21
+
+
 class InBackwardOptimizer:
-    """The optimizer step taken inside backward (as torchtune's optimizer-in-backward): one optimizer per
-    parameter, stepped by a hook as soon as that parameter's gradient is complete, which then frees the
-    gradient. So at most the gradients of the parameters backward is working on exist at once, never a
-    gradient buffer for the whole model. Global-norm clipping and gradient accumulation are impossible
-    this way (TrainSettings refuses them). FedProx's proximal gradient is added in the hook.
+    """The optimizer step taken inside backward (as torchtune's optimizer-in-backward): a hook steps each
+    parameter as soon as its gradient is complete and then frees the gradient, so no gradient buffer for
+    the whole model ever exists. Global-norm clipping and gradient accumulation are impossible this way
+    (TrainSettings refuses them). FedProx's proximal gradient is added in the hook.
+
+    A parameter of more than STEP_BLOCK_VALUES values is stepped as row blocks: each block is a detached
+    view of the parameter (sharing its memory) with an optimizer of its own, handed its rows of the
+    gradient. AdamW works value by value, so this is the same update (with the same 8-/4-bit quantization
+    blocks when a block's size divides by torchao's block size, as at 3B); it only bounds the temporaries.
 
     Looks like an optimizer to train_local: `param_groups` (for the learning rate), `step()` and
     `zero_grad()` (no-ops: the work happens in backward); call `remove()` to detach the hooks."""
 
     def __init__(self, model: nn.Module, settings: TrainSettings, trainable: Optional[set[str]] = None):
-        self.optimizers: dict[nn.Parameter, torch.optim.Optimizer] = {}
+        self.blocks: dict[nn.Parameter, list[tuple[slice, torch.Tensor, torch.optim.Optimizer]]] = {}
         for group in param_groups(model, settings.weight_decay, trainable):
             for p in group["params"]:
-                self.optimizers[p] = _build_optimizer([{"params": [p], "weight_decay": group["weight_decay"]}], settings)
+                rows = max(1, STEP_BLOCK_VALUES // max(1, p[0].numel())) if p.dim() > 1 else p.shape[0]
+                blocks = []
+                for lo in range(0, p.shape[0], rows):
+                    index = slice(lo, min(lo + rows, p.shape[0]))
+                    view = p.detach()[index] if rows < p.shape[0] else p
+                    opt = _build_optimizer([{"params": [view], "weight_decay": group["weight_decay"]}], settings)
+                    blocks.append((index, view, opt))
+                self.blocks[p] = blocks
         self.prox: dict[nn.Parameter, torch.Tensor] = {}
         self.mu = 0.0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in self.blocks]
 
     @property
     def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+        return [g for blocks in self.blocks.values() for _, _, opt in blocks for g in opt.param_groups]
 
     @torch.no_grad()
     def _step(self, p: nn.Parameter) -> None:
         if p in self.prox:
             add_proximal_grad([(p, self.prox[p])], self.mu)
-        self.optimizers[p].step()
+        for index, view, opt in self.blocks[p]:
+            if view is not p:
+                view.grad = p.grad[index]
+            opt.step()
+            view.grad = None
         p.grad = None
 
     def step(self) -> None:

@@ -23,7 +23,7 @@ try:
 except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
     from tests import flower_harness as fh  # type: ignore[no-redef]
 
-from fedtp_flwr.model import build_model, preset_args
+from fedtp_flwr.model import ModelArgs, Transformer, build_model, preset_args
 from fedtp_flwr.outputs import read_results
 from fedtp_flwr.sharding import slice_shapes
 
@@ -162,3 +162,31 @@ def check_slices(log_text: str, client_text: str, rounds: list[int], nodes: int 
     for m in metrics:  # weighted mean over the nodes of what each one received: every node got one slice
         assert m["received-parameters"] == pytest.approx(slice_params)
     return ranks
+
+
+# ------------------------------------------------------------------------- context-mode test models
+# (test_context.py, test_vocab_parallel.py)
+
+CONTEXT_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32)
+
+
+@torch.no_grad()
+def random_model(seed: int = 0) -> Transformer:
+    """Fan-in scaled weights (every block contributes visibly), rounded to bf16 so that a bf16 rest holds
+    them exactly and the 16-bit comparisons can be exact."""
+    model = build_model(CONTEXT_ARGS, seed=None)
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        p.copy_((1 + 0.1 * noise if p.ndim == 1 else noise / math.sqrt(p.shape[1])).bfloat16().float())
+    return model
+
+
+def tokens(seed: int = 0, shape=(2, 16)) -> torch.Tensor:
+    return torch.randint(0, CONTEXT_ARGS.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+

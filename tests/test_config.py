@@ -31,6 +31,19 @@ def test_3b_recipe_parses():
     assert cfg.model == "llama3.2-3b" and cfg.learning_rate == 1e-5 and cfg.world_size == 2
 
 
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_small_gpu_recipes_parse_and_use_the_benchmarked_options(world_size):
+    """Each recipe is the "best" option of bench/client_memory.py, whose 3B figure the README quotes."""
+    import json
+
+    recipe = tomllib.loads((ROOT / "configs" / f"llama32-3b-small-gpu-w{world_size}.toml").read_text())
+    cfg = RunConfig.from_run_config(recipe)
+    assert cfg.world_size == world_size and cfg.vocab_parallel and cfg.optimizer_in_backward
+    bench = json.loads((ROOT / "bench" / "results" / "client_memory.json").read_text())
+    for key, value in bench["3b_best"]["config"].items():
+        assert recipe[key] == value, key
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("world-size", "2", "expected int"),
     ("learning-rate", -1e-5, "must be > 0.0"),

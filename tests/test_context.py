@@ -21,7 +21,7 @@ from fedtp_flwr.quant import dequantize
 from fedtp_flwr.sharding import REPLICATE, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
 from fedtp_flwr.training import TrainSettings, param_groups, train_local
 
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32)
+from conftest import CONTEXT_ARGS as ARGS, random_model, rel_err, tokens
 CASES = [(w, r) for w in (1, 2, 4) for r in range(w)]
 assert {1, 2, 4} <= set(valid_world_sizes(ARGS))  # every case really runs
 
@@ -32,30 +32,10 @@ assert {1, 2, 4} <= set(valid_world_sizes(ARGS))  # every case really runs
 LOGITS_TOL = {8: 0.03, 4: 0.45}
 
 
-@torch.no_grad()
-def random_model(seed: int = 0) -> Transformer:
-    """Fan-in scaled weights (every block contributes visibly), rounded to bf16 so that a bf16 rest holds
-    them exactly and the 16-bit comparisons can be exact."""
-    model = build_model(ARGS, seed=None)
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        p.copy_((1 + 0.1 * noise if p.ndim == 1 else noise / math.sqrt(p.shape[1])).bfloat16().float())
-    return model
-
-
 def context_model(full: Transformer, rank: int, world_size: int, bits: int, group_size=None) -> Transformer:
     sd = full.state_dict()
     rest_q = quantize_rest(context_rest(sd, ARGS, rank, world_size), bits, group_size)
     return build_context_model(ARGS, rank, world_size, shard(sd, ARGS, rank, world_size), rest_q, "cpu")
-
-
-def tokens(seed: int = 0, shape=(2, 16)) -> torch.Tensor:
-    return torch.randint(0, ARGS.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def frozen_layers(model):

@@ -126,3 +126,25 @@ def test_context_mode_sends_the_frozen_rest_and_uploads_only_the_slice(tmp_path,
 def test_client_side_slice_evaluation(tmp_path, caplog):
     go(tmp_path, **{"num-server-rounds": 1, "client-eval": True})
     assert "slice evaluation (clients)" in caplog.text and "slice-perplexity" in caplog.text
+
+
+@pytest.mark.slow
+def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
+    """The options of configs/llama32-3b-small-gpu-*.toml through server.run: vocabulary-parallel context
+    slices (the 128k-vocabulary preset, so the split rows are real), bf16 weights with torchao's
+    stochastic-rounding AdamW, the step in backward, a chunked loss. Replies carry the vocabulary slice."""
+    from fedtp_flwr.model import preset_args
+    from fedtp_flwr.sharding import slice_shapes
+
+    grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": 4, "vocab-parallel": True,
+                           "client-param-dtype": "bfloat16", "optimizer-in-backward": True, "max-grad-norm": 0.0,
+                           "loss-chunk-tokens": 16, "context-group-size": 128})
+    assert grid.delivered[0].content["config"]["vocab-parallel"] is True
+    assert not any(m.has_error() for m in grid.replies)
+    shapes = slice_shapes(preset_args("llama3.2-tiny"), 2, vocab_parallel=True)
+    assert shapes["output.weight"] == (128256 // 2, 128)
+    for reply in grid.replies:
+        assert {k: tuple(a.shape) for k, a in reply.content["arrays"].items()} == shapes
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    (_, _, p0), (_, _, p1) = results[(2, 1e-3, False, 1, 42)]
+    assert p1 < p0

@@ -220,9 +220,53 @@ class ByteTokenizer:
 BYTES = "bytes"  # the tokenizer-path value that selects ByteTokenizer
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer | ByteTokenizer:
-    """"bytes" -> ByteTokenizer(); a tokenizer.model path -> Tokenizer(path); None or "" -> the default
-    Llama 3 tokenizer."""
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the maintained `tokenizers` library) behind the same interface.
+
+    bos / eos / pad are the special tokens of those roles found in the file, by the Llama 3 names first
+    (`<|begin_of_text|>`, `<|end_of_text|>`, `<|finetune_right_pad_id|>`), then the common `<s>`, `</s>`,
+    `<pad>`; pad falls back to eos. As with the other tokenizers, special tokens are never produced from
+    text: "<|eot_id|>" inside a string is encoded as the characters it is made of."""
+
+    _ROLES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>"), "eos": ("<|end_of_text|>", "</s>", "<eos>"),
+              "pad": ("<|finetune_right_pad_id|>", "<pad>")}
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a plain Exception for unreadable or malformed files
+            raise DataError(f"{path}: not a readable tokenizer.json ({type(e).__name__})") from None
+        self._tok.encode_special_tokens = True
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.n_words: int = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = {role: next((vocab[n] for n in names if n in vocab), None) for role, names in self._ROLES.items()}
+        if ids["bos"] is None or ids["eos"] is None:
+            raise DataError(f"{path}: no begin/end-of-text special token (looked for {self._ROLES['bos']} and "
+                            f"{self._ROLES['eos']})")
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id: int = ids["pad"] if ids["pad"] is not None else self.eos_id
+        self.path = str(path)
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        return ([self.bos_id] if bos else []) + self._tok.encode(s, add_special_tokens=False).ids + (
+            [self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, n_words={self.n_words})"
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer | ByteTokenizer | HFTokenizer:
+    """"bytes" -> ByteTokenizer(); a `.json` path -> HFTokenizer(path) (a Hugging Face tokenizer.json); a
+    tokenizer.model path -> Tokenizer(path); None or "" -> the default Llama 3 tokenizer."""
     if isinstance(path, str) and path == BYTES:
         return ByteTokenizer()
+    if path and str(path).endswith(".json"):
+        return HFTokenizer(path)
     return Tokenizer(path or None)
