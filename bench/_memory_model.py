@@ -14,6 +14,7 @@ the meta device, and counts, in bytes:
   4096 values that divide into blocks; smaller tensors keep a plain state in the weight's dtype;
 - gradients, in the weight's dtype: all of them at the end of backward; with the optimizer step in
   backward only the ones of the block backward is working on (each is freed by its step);
+- the optimizer step's temporaries (STEP_TEMP_BYTES, measured), for the largest tensor stepped at once;
 - activations: what autograd saves in one forward, counted per block on the meta device
   (`_common.activation_profile`), attention as a flash kernel saves it, bf16 autocast emulated; with
   gradient checkpointing each block keeps only its input and one block is recomputed at a time;
@@ -39,9 +40,10 @@ from torch import nn
 import _common
 from fedtp_flwr import chunked_loss, context
 from fedtp_flwr.context import build_context_model, rest_shapes
-from fedtp_flwr.model import ModelArgs, Transformer
-from fedtp_flwr.quant import QTensor, layout
+from fedtp_flwr.model import ModelArgs, Transformer, build_model
+from fedtp_flwr.quant import QTensor, layout, quantize
 from fedtp_flwr.sharding import shard_args, slice_shapes
+from fedtp_flwr.training import STEP_BLOCK_VALUES
 
 # The run-config keys of a memory option, with today's defaults (README: "Llama 3.2 3B on GPUs").
 BASELINE = {"slice-mode": "independent", "context-bits": 4, "context-group-size": 64, "vocab-parallel": False,
@@ -60,15 +62,25 @@ def _meta_qtensor(shape: tuple[int, int], bits: int, group_size: int | None) -> 
     return QTensor(data, scale, bits, tuple(shape), group_size)
 
 
-def client_model(args: ModelArgs, world_size: int, opts: dict) -> nn.Module:
-    """The model a client builds for these options, on the meta device (W=1 is always the full model)."""
+def client_model(args: ModelArgs, world_size: int, opts: dict, device: str = "meta") -> nn.Module:
+    """The model a client builds for these options (W=1 is always the full model): on the meta device, or
+    on a real one with random weights (normal, std 0.02; the frozen rest quantized one tensor at a time)."""
+    opts = {**BASELINE, **opts}
     dtype = _dtype(opts)
     if opts["slice-mode"] == "context" and world_size > 1:
         vp = opts["vocab-parallel"]
-        gs = opts["context-group-size"] or None
-        rest = {n: _meta_qtensor(s, opts["context-bits"], gs) for n, s in rest_shapes(args, world_size, vp).items()}
-        state = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in slice_shapes(args, world_size, vp).items()}
-        return build_context_model(args, 0, world_size, state, rest, device="meta", dtype=dtype, vocab_parallel=vp)
+        bits, gs = opts["context-bits"], opts["context-group-size"] or None
+        shapes = rest_shapes(args, world_size, vp)
+        if device == "meta":
+            rest = {n: _meta_qtensor(s, bits, gs) for n, s in shapes.items()}
+        else:
+            rest = {n: quantize(torch.randn(s, device=device).mul_(0.02), bits, gs) for n, s in shapes.items()}
+        state = {k: torch.empty(s, dtype=dtype, device=device) for k, s in slice_shapes(args, world_size, vp).items()}
+        for t in state.values() if device != "meta" else ():
+            t.normal_(0.0, 0.02)
+        return build_context_model(args, 0, world_size, state, rest, device=device, dtype=dtype, vocab_parallel=vp)
+    if device != "meta":
+        return build_model(shard_args(args, world_size), device=device, dtype=dtype, seed=0)
     with torch.device("meta"):
         return Transformer(shard_args(args, world_size)).to(dtype)
 
@@ -82,6 +94,20 @@ def _state_bytes(p: torch.Tensor, optimizer: str) -> int:
         qmap = 4 * (256 if optimizer == "adamw8bit" else 16)
         return 2 * (int(n * code_bytes) + 4 * (n // block) + qmap)
     return 2 * n * item
+
+
+# Temporaries of one torchao low-bit step, bytes per value stepped at once (dequantized moments, the float32
+# update, requantization), measured on the CPU (torch.compile's C++ backend) for a 12.6M-value tensor: 26 B
+# (4-bit) and 8 B (8-bit); torch's fused AdamW and torchao's bf16 AdamW showed none. GPU kernels may need
+# less. With the step in backward a tensor is stepped in row blocks of training.STEP_BLOCK_VALUES values.
+STEP_TEMP_BYTES = {"adamw": 0, "adamw8bit": 8, "adamw4bit": 26}
+
+
+def _step_values(p: torch.Tensor, in_backward: bool) -> int:
+    if not in_backward or p.dim() < 2:
+        return p.numel()
+    rows = max(1, STEP_BLOCK_VALUES // p[0].numel())
+    return min(p.shape[0], rows) * p[0].numel()
 
 
 def _block_of(name: str) -> str:
@@ -100,9 +126,14 @@ def client_peak(args: ModelArgs, world_size: int, opts: dict, batch: int, seq: i
     weights = sum(p.numel() * p.element_size() for p in params.values())
     rest = sum(b.numel() * b.element_size() for b in model.buffers())
     state = sum(_state_bytes(p, opts["optimizer"]) for p in params.values())
-    grads = {}
+    grads, step_peak = {}, {}  # per block: gradient bytes of each parameter; the largest grad + step temporaries
+    temp = STEP_TEMP_BYTES[opts["optimizer"]]
+    in_bwd = opts["optimizer-in-backward"]
     for name, p in params.items():
-        grads.setdefault(_block_of(name), []).append(p.numel() * p.element_size())
+        block = _block_of(name)
+        grads.setdefault(block, []).append(p.numel() * p.element_size())
+        step = p.numel() * p.element_size() + temp * _step_values(p, in_bwd)
+        step_peak[block] = max(step_peak.get(block, 0), step)
 
     chunk = opts["loss-chunk-tokens"]
     compute = torch.bfloat16 if autocast else dtype
@@ -130,16 +161,17 @@ def client_peak(args: ModelArgs, world_size: int, opts: dict, batch: int, seq: i
             if b["block"].startswith("layers."):
                 b["transient"] += b["saved"]  # recomputed in backward, one block at a time
                 b["saved"] = block_input
-    in_bwd = opts["optimizer-in-backward"]
     live = 0
     for i, b in enumerate(profile):
-        if in_bwd:
-            g = max(grads.get(b["block"], [0]))
+        saved = sum(x["saved"] for x in profile[: i + 1])
+        if in_bwd:  # the block's backward (its transients), then its parameters' steps, one at a time
+            live = max(live, saved + max(grads.get(b["block"], [0])) + b["transient"],
+                       saved + step_peak.get(b["block"], 0))
         else:
-            g = sum(sum(grads.get(x["block"], [])) for x in profile[i:])
-        live = max(live, sum(x["saved"] for x in profile[: i + 1]) + g + b["transient"])
-    if not in_bwd:
-        live = max(live, sum(sum(v) for v in grads.values()))  # all gradients, between backward and step
+            live = max(live, saved + sum(sum(grads.get(x["block"], [])) for x in profile[i:]) + b["transient"])
+    if not in_bwd:  # all gradients between backward and the step, and the step's temporaries
+        largest = max(p.numel() for p in params.values())
+        live = max(live, sum(sum(v) for v in grads.values()) + temp * largest)
     peak = weights + rest + state + live
     return {"params": sum(p.numel() for p in params.values()), "weights": weights, "rest": rest, "state": state,
             "grads": sum(sum(v) for v in grads.values()), "activations": sum(b["saved"] for b in profile),
@@ -164,3 +196,7 @@ def llama31(name: str) -> ModelArgs:
 def n_params(args: ModelArgs) -> int:
     with torch.device("meta"):
         return sum(math.prod(p.shape) for p in Transformer(args).parameters())
+
+
+def llama32_3b() -> ModelArgs:
+    return _common.model_args("llama3.2-3b")

@@ -1,31 +1,30 @@
-"""Client memory of local training: a tensor-parallel slice against the full model of the same config.
+"""Client memory of local training for every memory option, x world size: Llama 3.2 3B (and Llama 3.1 8B /
+70B) analytic, the 230M `bench` model measured against its analytic figure.
 
-Measured: peak memory of `fedtp_flwr.training.train_local` (weights, gradients, AdamW state, activations),
-each configuration in a fresh Python process: on the CPU the peak resident set size (VmHWM) above the
-process's RSS just before the model is built; on CUDA (when present) torch.cuda.max_memory_allocated
-above the memory allocated before. On the CPU each configuration runs twice: with
-MALLOC_MMAP_THRESHOLD_=65536, so that glibc returns every freed block >= 64 KiB to the OS and the peak RSS
-tracks the live tensor bytes (the figure compared with the analytic one), and with glibc's defaults,
-which keep freed heap memory (what a client process occupies). Three local steps, so the AdamW state
-exists while the second step's activations and gradients do.
+The options form a ladder, each adding one run-config change to the one before (bench/_memory_model.py
+defines the keys and how each is counted):
 
-Analytic (bench/_common.py: training_peak_bytes): 16 B per trainable parameter (float32 weights,
-gradients, AdamW exp_avg and exp_avg_sq) and the activations autograd saves for backward, counted exactly
-per block on the meta device (activation_profile, which matches a real CPU forward byte for byte). The
-peak is not their sum: gradients are set to None between steps and appear during backward while the
-activations are freed, block by block in reverse, so the peak is
-12 B/param + max over blocks b of (activations of blocks <= b + gradients of blocks >= b + b's transient
-buffers, which are counted for the loss only: the float32 gradients of the logits and the log-softmax),
-at least 16 B/param.
-16 B/param + all activations is kept in the JSON as "upper".
+  today            independent slices, float32 weights, torch AdamW, bf16 autocast, gradient checkpointing
+  context-int4     slice-mode "context" (int4 frozen rest, absmax per 64 columns)
+  +vocab-parallel  tok_embeddings and output split by vocabulary rows too
+  +adamw4bit       torchao AdamW with 4-bit state (adamw8bit is reported beside it)
+  +bf16-weights    client-param-dtype "bfloat16" (stochastic rounding, no float32 master copy)
+  +in-backward     optimizer-in-backward: no gradient buffers (max-grad-norm 0)
+  best             + loss-chunk-tokens 128, context-group-size 128: the configs/llama32-3b-small-gpu*.toml recipes
+  independent-best (beside the ladder) the optimizer and loss options of best on independent slices
 
-bf16 mixed precision (`precision="bf16"`, the default on CUDA) is torch.autocast with float32 master
-weights: the same 16 B/param, plus bf16 activations, plus the bf16 copies of every nn.Linear weight that
-autocast makes and saves for backward (2 B per linear parameter, freed after backward), all counted in
-the activation figure.
+Analytic (`_memory_model.client_peak`): from the very model the client builds (meta device), its trainable
+weights, frozen rest, optimizer state as each optimizer allocates it, gradients, saved activations
+(counted per block, flash attention) and the loss's transients, walked through backward block by block.
 
-    python bench/client_memory.py                      # the 230M 'bench' model, W = 1, 2, 4, ~3 min
-    python bench/client_memory.py --quick              # tiny model (used by the tests)
+Measured (the 230M `bench` model, dims of the 3B's proportions): each (option, W) in a fresh process, the
+peak RSS above the RSS before the client model is built, with MALLOC_MMAP_THRESHOLD_=65536 so that RSS
+tracks live bytes; on CUDA torch.cuda.max_memory_allocated. A warm-up on a tiny model with the same options
+comes first, so torch's (and torch.compile's, for torchao) one-time allocations are in the baseline.
+
+    python bench/client_memory.py                     # ~25 min on 2 CPU cores (torchao compiles per process)
+    python bench/client_memory.py --measure none      # the analytic tables only (seconds)
+    python bench/client_memory.py --quick             # tiny model, two options, W = 1, 2 (the tests' dry run)
 """
 
 from __future__ import annotations
@@ -39,26 +38,61 @@ import time
 import torch
 
 import _common
-from fedtp_flwr.model import build_model
-from fedtp_flwr.sharding import shard_args, valid_world_sizes
+import _memory_model as mm
+from fedtp_flwr.sharding import valid_world_sizes
 from fedtp_flwr.training import TrainSettings, train_local
+
+_CTX = {"slice-mode": "context"}
+_VOCAB = {**_CTX, "vocab-parallel": True}
+_4BIT = {**_VOCAB, "optimizer": "adamw4bit"}
+_BF16 = {**_4BIT, "client-param-dtype": "bfloat16"}
+_INBWD = {**_BF16, "optimizer-in-backward": True}
+BEST = {**_INBWD, "loss-chunk-tokens": 128, "context-group-size": 128}
+OPTIONS: dict[str, dict] = {
+    "today": {},
+    "context-int4": _CTX,
+    "+vocab-parallel": _VOCAB,
+    "+adamw8bit": {**_VOCAB, "optimizer": "adamw8bit"},
+    "+adamw4bit": _4BIT,
+    "+bf16-weights": _BF16,
+    "+in-backward": _INBWD,
+    "best": BEST,
+    # Not in the ladder: the same optimizer and loss options on independent slices (no frozen rest to hold;
+    # embeddings and output replicated).
+    "independent-best": {k: v for k, v in BEST.items() if k not in ("slice-mode", "vocab-parallel")},
+}
+GPUS_GB = (8, 12, 16, 24, 32, 40, 48, 80)
+CUDA_OVERHEAD_GB = 1.0  # CUDA context (~0.5 GB) and allocator slack, added before picking a GPU
+
+
+def run_config(opts: dict) -> dict:
+    """The run-config keys of an option (what a user puts in --run-config)."""
+    full = {**mm.BASELINE, **opts}
+    if full["optimizer-in-backward"]:
+        full["max-grad-norm"] = 0.0
+    return full
+
+
+def settings_for(opts: dict, steps: int) -> TrainSettings:
+    o = run_config(opts)
+    return TrainSettings(learning_rate=1e-4, local_steps=steps, precision=o["precision"], seed=0,
+                         max_grad_norm=o.get("max-grad-norm", 1.0), optimizer=o["optimizer"],
+                         optimizer_in_backward=o["optimizer-in-backward"], loss_chunk_tokens=o["loss-chunk-tokens"],
+                         gradient_checkpointing=o["gradient-checkpointing"])
 
 
 def worker(a) -> dict:
-    """One configuration, in this (fresh) process."""
-    args = shard_args(_common.model_args(a.model), a.world_size)
+    """One (option, W), in this (fresh) process."""
+    opts = OPTIONS[a.option]
+    args = _common.model_args(a.model)
     device = torch.device(a.device)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (a.batch, a.seq + 1), generator=g)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    settings = TrainSettings(learning_rate=1e-4, local_steps=a.steps, precision=a.precision, device=a.device,
-                             seed=0, max_grad_norm=1.0)
-    # Warm up the same code path on a tiny model first, so that torch's one-time allocations (thread pools,
-    # kernel caches, autograd engine) are part of the baseline and not of the measured training memory.
-    tiny = build_model(shard_args(_common.model_args("bench-tiny"), 1), device=device, seed=0)
+    # Warm up the same code path (optimizer, compile, autograd) on a tiny model of the same family first.
+    tiny = mm.client_model(_common.model_args("bench-tiny"), a.world_size, opts, device=a.device)
     small = torch.randint(0, 512, (1, 17), generator=g)
-    train_local(tiny, itertools.repeat((small[:, :-1], small[:, 1:])), TrainSettings(
-        learning_rate=1e-4, local_steps=2, precision=a.precision, device=a.device, seed=0, max_grad_norm=1.0))
+    train_local(tiny, itertools.repeat((small[:, :-1], small[:, 1:])), settings_for(opts, 2))
     del tiny
     gc.collect()
     if device.type == "cuda":
@@ -67,50 +101,56 @@ def worker(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base_rss = _common.rss_bytes()
     _common.reset_peak_rss()
-    model = build_model(args, device=device, seed=0)
-    params = sum(p.numel() for p in model.parameters())
-    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = mm.client_model(args, a.world_size, opts, device=a.device)
     t0 = time.perf_counter()
-    m = train_local(model, itertools.repeat(batch), settings)
-    seconds = time.perf_counter() - t0
-    out = {"params": params, "linear_params": linear_params, "peak_rss_delta": _common.peak_rss_bytes() - base_rss,
-           "base_rss": base_rss, "train_seconds": seconds, "train_loss": m["train_loss"]}
+    m = train_local(model, itertools.repeat(batch), settings_for(opts, a.steps))
+    out = {"params": sum(p.numel() for p in model.parameters()), "peak_rss_delta": _common.peak_rss_bytes() - base_rss,
+           "base_rss": base_rss, "train_seconds": time.perf_counter() - t0, "train_loss": m["train_loss"]}
     if device.type == "cuda":
         out["cuda_peak_allocated_delta"] = torch.cuda.max_memory_allocated() - base
     return out
 
 
-def analytic(args, world_size: int, batch: int, seq: int, autocast: bool) -> dict:
-    profile = _common.activation_profile(shard_args(args, world_size), batch, seq, autocast=autocast)
-    return dict(_common.training_peak_bytes(profile), profile=profile)
+def analytic_table(args, world_sizes, options, batch: int, seq: int) -> list[dict]:
+    rows = []
+    for name in options:
+        for w in world_sizes:
+            if w in valid_world_sizes(args, vocab_parallel=True):
+                rows.append({"option": name, "world_size": w, **mm.client_peak(args, w, OPTIONS[name], batch, seq)})
+    return rows
 
 
-def checkpointed_peak(args, profile: list[dict], batch: int, seq: int) -> int:
-    """Estimate with gradient checkpointing, from the activation profile without it: every block keeps only
-    its input (the float32 residual stream, 4 B x dim per token); one block's full activations exist while
-    it is recomputed."""
-    block_input = 4 * batch * seq * args.dim
-    layers = [b for b in profile if b["block"].startswith("layers.")]
-    ckpt = [dict(b, saved=block_input) if b["block"].startswith("layers.") else b for b in profile]
-    return _common.training_peak_bytes(ckpt)["peak"] + max(b["saved"] for b in layers)
+def smallest_gpu(peak: int) -> int | None:
+    need = peak / 1e9 + CUDA_OVERHEAD_GB
+    return next((g for g in GPUS_GB if g >= need), None)
+
+
+def _pivot(rows: list[dict], title: str) -> str:
+    ws = sorted({r["world_size"] for r in rows})
+    names = list(dict.fromkeys(r["option"] for r in rows))
+    by = {(r["option"], r["world_size"]): r for r in rows}
+    return _common.table(["option"] + [f"W={w}" + (" (full model)" if w == 1 else "") + " GB" for w in ws],
+                         [[n] + [f"{by[(n, w)]['peak'] / 1e9:.2f}" if (n, w) in by else "-" for w in ws] for n in names],
+                         title=title)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench", help="'bench' (230M, 3B-like proportions), 'bench-tiny' or a preset")
+    p.add_argument("--measure", default="some",
+                   help="'some': today and best at every W, each option at W=2; 'all': every option x W; 'none'")
     p.add_argument("--world-sizes", default="1,2,4")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (bf16 on the CPU is slow)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--table-batch", type=int, default=1, help="batch of the 3B analytic table")
-    p.add_argument("--table-seq", type=int, default=2048, help="sequence length of the 3B analytic table")
-    p.add_argument("--quick", action="store_true", help="bench-tiny model, W = 1, 2, 2 steps: the dry run of the tests")
+    p.add_argument("--table-batch", type=int, default=1, help="batch of the analytic tables")
+    p.add_argument("--table-seq", type=int, default=2048, help="sequence length of the analytic tables")
+    p.add_argument("--quick", action="store_true", help="bench-tiny, today and best, W = 1, 2: the tests' dry run")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--option", default="today", help=argparse.SUPPRESS)
     p.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         _common.worker_reply(worker(a))
@@ -118,75 +158,81 @@ def main(argv=None) -> dict:
     if a.quick:
         a.model, a.steps, a.seq, a.world_sizes = "bench-tiny", 2, 32, "1,2"
 
-    # 1. Measured, each configuration in a fresh process.
+    # 1. Measured, each (option, W) in a fresh process (in this process for the quick dry run).
     args = _common.model_args(a.model)
+    ws = [int(x) for x in a.world_sizes.split(",") if int(x) in valid_world_sizes(args, vocab_parallel=True)]
+    if a.measure == "none":
+        plan = []
+    elif a.measure == "all":
+        plan = [(n, w) for n in OPTIONS for w in ws]
+    else:
+        plan = [(n, w) for n in ("today", "best") for w in ws]
+        if not a.quick:
+            plan += [(n, 2) for n in OPTIONS if n not in ("today", "best", "independent-best")]
     rows = []
-    for prec in a.precisions.split(","):
-        for w in [int(x) for x in a.world_sizes.split(",") if int(x) in valid_world_sizes(args)]:
-            argv_w = ["--model", a.model, "--world-size", str(w), "--precision", prec, "--batch", str(a.batch),
-                      "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device]
-            if a.quick:  # the dry run checks the plumbing: in this process, no fresh interpreter
-                m = worker(p.parse_args(["--worker", *argv_w]))
-            else:
-                m = _common.run_worker(__file__, argv_w, env=_common.LIVE_MALLOC_ENV)
-            # glibc's default malloc: what a client process occupies (skipped in the quick dry run)
-            m_default = m if a.quick else _common.run_worker(__file__, argv_w)
-            an = analytic(args, w, a.batch, a.seq, autocast=prec == "bf16")
-            cuda = "cuda_peak_allocated_delta" in m
-            measured = m["cuda_peak_allocated_delta"] if cuda else m["peak_rss_delta"]
-            rows.append({"world_size": w, "precision": prec, "device": a.device, "measured": measured,
-                         "measured_kind": "cuda max_memory_allocated" if cuda else
-                         "peak RSS delta, MALLOC_MMAP_THRESHOLD_=65536 (tracks live bytes)",
-                         "measured_default_malloc": m_default["peak_rss_delta"],
-                         "analytic": an, "measured_over_analytic": measured / an["peak"],
-                         "default_malloc_over_analytic": m_default["peak_rss_delta"] / an["peak"],
-                         "worker": m, "worker_default_malloc": m_default})
-            print(f"  W={w} {prec}: measured {measured / 1e9:.3f} GB (default malloc "
-                  f"{m_default['peak_rss_delta'] / 1e9:.3f} GB), analytic {an['peak'] / 1e9:.3f} GB", file=sys.stderr)
-    for r in rows:
-        full = next((x for x in rows if x["world_size"] == 1 and x["precision"] == r["precision"]), None)
-        r["vs_full"] = r["measured"] / full["measured"] if full else None
-    _common.table(
-        ["W", "precision", "params", "measured GB", "default malloc GB", "16 B/p GB", "activations GB",
-         "analytic peak GB", "measured/analytic", "default malloc/analytic", "vs full model"],
-        [[r["world_size"] if r["world_size"] > 1 else "1 (full)", r["precision"], r["analytic"]["params"],
-          f"{r['measured'] / 1e9:.3f}", f"{r['measured_default_malloc'] / 1e9:.3f}",
-          f"{r['analytic']['static'] / 1e9:.3f}", f"{r['analytic']['activations'] / 1e9:.3f}",
-          f"{r['analytic']['peak'] / 1e9:.3f}", f"{r['measured_over_analytic']:.3f}",
-          f"{r['default_malloc_over_analytic']:.3f}", f"{r['vs_full']:.3f}" if r["vs_full"] else "-"] for r in rows],
-        title=f"Measured ({rows[0]['measured_kind'] if rows else ''}, {a.device}) vs analytic: model {a.model!r}, "
-              f"batch {a.batch} x {a.seq} tokens, AdamW, {a.steps} local steps, fresh process each",
-    )
+    for name, w in plan:
+        argv_w = ["--model", a.model, "--option", name, "--world-size", str(w), "--batch", str(a.batch),
+                  "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device]
+        if a.quick:
+            m = worker(p.parse_args(["--worker", *argv_w]))
+        else:
+            m = _common.run_worker(__file__, argv_w, env=_common.LIVE_MALLOC_ENV)
+        an = mm.client_peak(args, w, OPTIONS[name], a.batch, a.seq)
+        cuda = "cuda_peak_allocated_delta" in m
+        measured = m["cuda_peak_allocated_delta"] if cuda else m["peak_rss_delta"]
+        rows.append({"option": name, "world_size": w, "device": a.device, "measured": measured,
+                     "measured_kind": "cuda max_memory_allocated" if cuda else
+                     "peak RSS delta, MALLOC_MMAP_THRESHOLD_=65536 (tracks live bytes)",
+                     "analytic": an, "measured_over_analytic": measured / an["peak"], "worker": m})
+        print(f"  {name} W={w}: measured {measured / 1e9:.3f} GB, analytic {an['peak'] / 1e9:.3f} GB "
+              f"({measured / an['peak']:.3f}x)", file=sys.stderr, flush=True)
+    if rows:
+        _common.table(
+            ["option", "W", "params", "weights GB", "rest GB", "state GB", "activations GB", "analytic peak GB",
+             "measured GB", "measured/analytic"],
+            [[r["option"], r["world_size"], r["analytic"]["params"], f"{r['analytic']['weights'] / 1e9:.3f}",
+              f"{r['analytic']['rest'] / 1e9:.3f}", f"{r['analytic']['state'] / 1e9:.3f}",
+              f"{r['analytic']['activations'] / 1e9:.3f}", f"{r['analytic']['peak'] / 1e9:.3f}",
+              f"{r['measured'] / 1e9:.3f}", f"{r['measured_over_analytic']:.3f}"] for r in rows],
+            title=f"Measured ({rows[0]['measured_kind']}, {a.device}) vs analytic: model {a.model!r}, batch "
+                  f"{a.batch} x {a.seq} tokens, {a.steps} local steps, fresh process each")
 
-    # 2. Analytic table for the 3B.
-    big = _common.model_args("llama3.2-3b")
-    table3b = []
-    for w in (1, 2, 4, 8):
-        fp32 = analytic(big, w, a.table_batch, a.table_seq, autocast=False)
-        bf16 = analytic(big, w, a.table_batch, a.table_seq, autocast=True)
-        table3b.append({"world_size": w, "params": fp32["params"], "fp32": fp32, "bf16_autocast": bf16,
-                        "bf16_checkpointed_peak": checkpointed_peak(big, bf16["profile"], a.table_batch, a.table_seq)})
-    _common.table(
-        ["W", "params", "16 B/param GB", "fp32 activations GB", "fp32 peak GB", "bf16 activations GB",
-         "bf16 autocast peak GB", "bf16 peak, ckpt GB"],
-        [[t["world_size"] if t["world_size"] > 1 else "1 (full)", t["params"], f"{t['fp32']['static'] / 1e9:.1f}",
-          f"{t['fp32']['activations'] / 1e9:.1f}", f"{t['fp32']['peak'] / 1e9:.1f}",
-          f"{t['bf16_autocast']['activations'] / 1e9:.1f}", f"{t['bf16_autocast']['peak'] / 1e9:.1f}",
-          f"{t['bf16_checkpointed_peak'] / 1e9:.1f}"] for t in table3b],
-        title=f"Llama 3.2 3B, analytic (GB = 1e9 B): AdamW, float32 master weights; activations for batch "
-              f"{a.table_batch} x {a.table_seq} tokens, flash attention; bf16 autocast activations include its "
-              "bf16 weight copies (2 B per linear parameter); 'ckpt': with gradient checkpointing (estimate: "
-              "each block keeps its input, one block's activations are recomputed at a time)",
-    )
-    slices = [r for r in rows if r["world_size"] > 1]
-    worst = max((abs(r["measured_over_analytic"] - 1) for r in slices), default=None)
-    summary = {"aim": "slice training memory within 10% of the analytic figure",
-               "max_abs_deviation_slices": worst, "aim_met": worst is not None and worst <= 0.10}
+    # 2. Analytic: Llama 3.2 3B for every option; Llama 3.1 8B and 70B for today and best.
+    tb, ts = a.table_batch, a.table_seq
+    t3b = analytic_table(mm.llama32_3b(), (1, 2, 4, 8), OPTIONS, tb, ts)
+    _pivot(t3b, f"Llama 3.2 3B, analytic peak (GB = 1e9 B), batch {tb} x {ts} tokens; each option adds to the one above")
+    big = {}
+    for name in ("llama3.1-8b", "llama3.1-70b"):
+        big[name] = analytic_table(mm.llama31(name), (1, 2, 4, 8), ("today", "best", "independent-best"), tb, ts)
+        _pivot(big[name], f"{name} ({mm.n_params(mm.llama31(name)) / 1e9:.2f}B parameters), analytic, batch {tb} x {ts}")
+    best3b = {str(r["world_size"]): round(r["peak"] / 1e9, 2) for r in t3b if r["option"] == "best"}
+    gpu_rows = []
+    for model_name, table in (("llama3.2-3b", t3b), *big.items()):
+        for w in (1, 2, 4, 8):
+            today = next(r for r in table if r["option"] == "today" and r["world_size"] == w)
+            best = next(r for r in table if r["option"] == "best" and r["world_size"] == w)
+            gpu_rows.append({"model": model_name, "world_size": w, "today_gb": today["peak"] / 1e9,
+                             "best_gb": best["peak"] / 1e9, "today_gpu_gb": smallest_gpu(today["peak"]),
+                             "best_gpu_gb": smallest_gpu(best["peak"])})
+    _common.table(["model", "W", "today GB", "smallest GPU today", "best GB", "smallest GPU best"],
+                  [[g["model"], g["world_size"], f"{g['today_gb']:.1f}", g["today_gpu_gb"] or "> 80",
+                    f"{g['best_gb']:.1f}", g["best_gpu_gb"] or "> 80"] for g in gpu_rows],
+                  title=f"Which GPU for which W (smallest of {GPUS_GB} GB holding the analytic peak + "
+                        f"{CUDA_OVERHEAD_GB} GB of CUDA context and allocator slack)")
+
+    worst = max((abs(r["measured_over_analytic"] - 1) for r in rows), default=None)
+    summary = {"aim": "measured within 10% of the analytic figure", "max_abs_deviation": worst,
+               "aim_met": worst is not None and worst <= 0.10,
+               "goal_3b_gb": {"2": 8, "4": 6, "8": 4},
+               "goal_3b_met": all(best3b[w] <= g for w, g in {"2": 8, "4": 6, "8": 4}.items())}
     if worst is not None:
-        print(f"\nslices: measured/analytic deviates at most {worst:.1%} (aim <= 10%: "
-              f"{'met' if summary['aim_met'] else 'MISSED'})")
-    result = {"model": a.model, "model_args": _common.model_args(a.model).to_params(), "batch": a.batch,
-              "seq": a.seq, "steps": a.steps, "rows": rows, "llama3.2-3b": table3b, "summary": summary}
+        print(f"\nmeasured/analytic deviates at most {worst:.1%} (aim <= 10%: {'met' if summary['aim_met'] else 'MISSED'})")
+    print(f"3B best: {best3b} GB (goal W=2 <= 8, W=4 <= 6, W=8 <= 4: "
+          f"{'met' if summary['goal_3b_met'] else 'MISSED'})")
+    result = {"model": a.model, "model_args": args.to_params(), "batch": a.batch, "seq": a.seq, "steps": a.steps,
+              "table_batch": tb, "table_seq": ts, "options": {n: run_config(o) for n, o in OPTIONS.items()},
+              "rows": rows, "llama3.2-3b": t3b, **big, "gpu_table": gpu_rows,
+              "3b_best": {"config": run_config(BEST), "peak_gb": best3b}, "summary": summary}
     _common.write_results("client_memory", result, a.out)
     return result
 

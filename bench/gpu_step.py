@@ -22,6 +22,14 @@ A time guard (--time-budget-s, default 420) skips configurations that would not 
     python bench/gpu_step.py                              # on a CUDA machine, < 8 min
     python bench/gpu_step.py --gradient-checkpointing     # the same with activation recomputation
     python bench/gpu_step.py --dry-run --out /tmp/g.json  # CPU, seconds
+    python bench/gpu_step.py --options today,best          # the client memory options of client_memory.py
+
+With --options, each option of bench/client_memory.py (its run-config keys: context slices, vocabulary
+splitting, low-bit / bf16 optimizers, the step in backward, a chunked loss) is measured at each world size,
+the client model built as the client builds it (`_memory_model.client_model`, random weights drawn on the
+device), next to its analytic peak (`_memory_model.client_peak`). With the step in backward each train_local
+call makes its own optimizer, so the timed call includes allocating the optimizer state.
+Without a CUDA device (and without --dry-run) the script says so and exits 0 without measuring.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ if str(_BENCH) not in sys.path:  # also importable as a module from the tests
     sys.path.insert(0, str(_BENCH))
 
 import _common  # noqa: E402
+import _memory_model as mm  # noqa: E402
+import client_memory  # noqa: E402
 from fedtp_flwr.model import build_model  # noqa: E402
 from fedtp_flwr.sharding import shard_args, valid_world_sizes  # noqa: E402
 from fedtp_flwr.training import TrainSettings, make_optimizer, train_local  # noqa: E402
@@ -58,9 +68,10 @@ def init_on_device(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> 
             p.normal_(0.0, std, generator=gen)
 
 
-def measure(model_name: str, world_size: int, a, device: torch.device) -> dict:
+def measure(model_name: str, world_size: int, a, device: torch.device, option: str | None = None) -> dict:
     args = _common.model_args(model_name)
     sub = shard_args(args, world_size)
+    opts = None if option is None else client_memory.OPTIONS[option]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -71,19 +82,23 @@ def measure(model_name: str, world_size: int, a, device: torch.device) -> dict:
     _common.reset_peak_rss()
 
     t0 = time.perf_counter()
-    model = build_model(sub, device=device, seed=None)  # meta -> to_empty(device): nothing on the host
-    init_on_device(model)
+    if opts is None:
+        model = build_model(sub, device=device, seed=None)  # meta -> to_empty(device): nothing on the host
+        init_on_device(model)
+        settings = TrainSettings(learning_rate=1e-5, local_steps=a.warmup_steps, precision=a.precision,
+                                 gradient_checkpointing=a.gradient_checkpointing, device=str(device), seed=0,
+                                 max_grad_norm=1.0)
+    else:
+        model = mm.client_model(args, world_size, opts, device=str(device))
+        settings = dataclasses.replace(client_memory.settings_for(opts, a.warmup_steps), device=str(device))
     if cuda:
         torch.cuda.synchronize()
     build_seconds = time.perf_counter() - t0
 
-    settings = TrainSettings(learning_rate=1e-5, local_steps=a.warmup_steps, precision=a.precision,
-                             gradient_checkpointing=a.gradient_checkpointing, device=str(device), seed=0,
-                             max_grad_norm=1.0)
     g = torch.Generator().manual_seed(world_size)
     tokens = torch.randint(0, args.vocab_size, (a.batch, a.seq + 1), generator=g)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    optimizer = make_optimizer(model, settings)
+    optimizer = None if settings.optimizer_in_backward else make_optimizer(model, settings)
     warm = train_local(model, itertools.repeat(batch), settings, optimizer=optimizer)
     timed_settings = dataclasses.replace(settings, local_steps=a.steps)
     timed = train_local(model, itertools.repeat(batch), timed_settings, optimizer=optimizer)
@@ -94,7 +109,7 @@ def measure(model_name: str, world_size: int, a, device: torch.device) -> dict:
     flops_per_token = _common.training_flops(args, world_size, a.seq)
     achieved = flops_per_token * tokens_per_step / step_seconds
     result = {
-        "world_size": world_size, "params": params, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+        "option": option, "world_size": world_size, "params": params, "batch": a.batch, "seq": a.seq, "steps": a.steps,
         "warmup_steps": a.warmup_steps, "build_seconds": build_seconds, "warmup_seconds": warm["seconds"],
         "step_seconds": step_seconds, "tokens_per_second": tokens_per_step / step_seconds,
         "model_flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
@@ -110,9 +125,12 @@ def measure(model_name: str, world_size: int, a, device: torch.device) -> dict:
         result["peak_memory_allocated"] = _common.peak_rss_bytes() - base_rss
         result["memory_kind"] = "peak RSS delta (CPU dry run)"
     # the analytic figure of bench/client_memory.py, for comparison
-    autocast = a.precision == "bf16" or (a.precision == "auto" and cuda)
-    profile = _common.activation_profile(sub, a.batch, a.seq, autocast=autocast)
-    result["analytic_peak"] = _common.training_peak_bytes(profile)["peak"]
+    if opts is None:
+        autocast = a.precision == "bf16" or (a.precision == "auto" and cuda)
+        profile = _common.activation_profile(sub, a.batch, a.seq, autocast=autocast)
+        result["analytic_peak"] = _common.training_peak_bytes(profile)["peak"]
+    else:
+        result["analytic_peak"] = mm.client_peak(args, world_size, opts, a.batch, a.seq)["peak"]
     del model, optimizer
     return result
 
@@ -131,6 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "auto"))
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--options", default="", help="comma list of bench/client_memory.py options (default: none, "
+                                                  "the plain slice with --precision and --gradient-checkpointing)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, TFLOP/s")
     p.add_argument("--time-budget-s", type=float, default=420.0, help="skip configurations past this")
     p.add_argument("--dry-run", action="store_true", help="CPU, llama3.2-tiny, 1+1 steps of 1 x 64 tokens")
@@ -143,35 +163,42 @@ def main(argv=None) -> dict:
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
-            p.error("no CUDA device here; use --dry-run to run the same code on the CPU")
+            print("gpu_step.py: skipped, no CUDA device here (use --dry-run to run the same code on the CPU)",
+                  file=sys.stderr)
+            return {"skipped": "no CUDA device"}
         device = torch.device("cuda")
     out = a.out or str(_common.RESULTS_DIR / ("gpu_step_dry_run.json" if a.dry_run else "gpu_step.json"))
     args = _common.model_args(a.model)
     world_sizes = [int(w) for w in a.world_sizes.split(",") if int(w) in valid_world_sizes(args)]
+    options = [o for o in a.options.split(",") if o] or [None]
+    unknown = [o for o in options if o is not None and o not in client_memory.OPTIONS]
+    if unknown:
+        p.error(f"unknown option(s) {unknown}; known: {list(client_memory.OPTIONS)}")
 
     rows, skipped = [], []
-    for w in world_sizes:
+    for option, w in itertools.product(options, world_sizes):
         elapsed = time.perf_counter() - t_start
         if rows and elapsed + 1.5 * max(r["wall_seconds"] for r in rows) > a.time_budget_s:
-            skipped.append({"world_size": w, "reason": f"time budget: {elapsed:.0f} s spent of {a.time_budget_s:.0f}"})
+            skipped.append({"option": option, "world_size": w,
+                            "reason": f"time budget: {elapsed:.0f} s spent of {a.time_budget_s:.0f}"})
             continue
         t0 = time.perf_counter()
         try:
-            r = measure(a.model, w, a, device)
+            r = measure(a.model, w, a, device, option)
         except torch.OutOfMemoryError as e:
-            skipped.append({"world_size": w, "reason": f"out of memory: {str(e).splitlines()[0]}"})
+            skipped.append({"option": option, "world_size": w, "reason": f"out of memory: {str(e).splitlines()[0]}"})
             torch.cuda.empty_cache()
             continue
         r["wall_seconds"] = time.perf_counter() - t0
         rows.append(r)
-        print(f"  W={w}: {r['tokens_per_second']:,.0f} tokens/s, peak {r['peak_memory_allocated'] / 1e9:.1f} GB, "
+        print(f"  {option or 'plain'} W={w}: {r['tokens_per_second']:,.0f} tokens/s, peak {r['peak_memory_allocated'] / 1e9:.1f} GB, "
               f"MFU {r['mfu']:.1%}, {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-    full = next((r for r in rows if r["world_size"] == 1), None)
     for r in rows:
+        full = next((x for x in rows if x["world_size"] == 1 and x["option"] == r["option"]), None)
         r["step_time_vs_full"] = r["step_seconds"] / full["step_seconds"] if full else None
     _common.table(
-        ["W", "params", "tokens/s", "s/step", "peak GB", "analytic peak GB", "TFLOP/s", "MFU", "vs full"],
-        [[r["world_size"] if r["world_size"] > 1 else "1 (full)", r["params"], f"{r['tokens_per_second']:,.0f}",
+        ["option", "W", "params", "tokens/s", "s/step", "peak GB", "analytic peak GB", "TFLOP/s", "MFU", "vs full"],
+        [[r["option"] or "plain", r["world_size"] if r["world_size"] > 1 else "1 (full)", r["params"], f"{r['tokens_per_second']:,.0f}",
           f"{r['step_seconds']:.3f}", f"{r['peak_memory_allocated'] / 1e9:.2f}", f"{r['analytic_peak'] / 1e9:.2f}",
           f"{r['achieved_tflops']:.1f}", f"{r['mfu']:.1%}",
           f"{r['step_time_vs_full']:.3f}" if r["step_time_vs_full"] else "-"] for r in rows],
@@ -180,7 +207,7 @@ def main(argv=None) -> dict:
               f"{a.steps} timed steps",
     )
     for s in skipped:
-        print(f"  skipped W={s['world_size']}: {s['reason']}")
+        print(f"  skipped {s['option'] or 'plain'} W={s['world_size']}: {s['reason']}")
     result = {
         "dry_run": a.dry_run, "device": result_device(device),
         "cuda_version": torch.version.cuda, "model": a.model, "precision": a.precision,
