@@ -20,17 +20,14 @@ from typing import Mapping, Optional
 
 import torch
 
-from .model import ModelArgs, Transformer, ffn_hidden_dim
+from .model import LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT, ModelArgs, Transformer, ffn_hidden_dim
+from .sharding import full_shapes
 
 META_PARAMS = "params.json"
 META_WEIGHTS = "consolidated.00.pth"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-
-# Llama 3 RoPE scaling: this model supports low_freq_factor 1 and an original context of 8192 only.
-LLAMA3_LOW_FREQ_FACTOR = 1.0
-LLAMA3_ORIGINAL_CONTEXT = 8192
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, generic wrappers
 _DROPPED_KEYS = {"rope.freqs"}  # a RoPE buffer some Meta checkpoints store; recomputed from args
@@ -45,9 +42,7 @@ class CheckpointError(ValueError):
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of Transformer(args) and its shape (built on meta: allocates nothing)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return full_shapes(args)
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, source: str) -> None:

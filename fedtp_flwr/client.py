@@ -12,7 +12,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any, Mapping
 
 import torch
@@ -143,6 +143,9 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     log(INFO, "round %d: received the rank %d/%d slice: %d parameters in %d arrays (%.1f MB %s); training on %s, "
         "%d local examples", job.server_round, job.rank, job.world_size, n_received, len(received),
         record_nbytes(received) / 1e6, job.wire_dtype, device, data.n_examples)
+    if data.n_truncated:
+        log(WARNING, "%d of %d local examples are longer than max-seq-len=%d tokens and were cut to it",
+            data.n_truncated, data.n_examples, cfg.max_seq_len)
     seed = node_seed(cfg, node_config, job.server_round)
     batches = iterate_batches(data, cfg.batch_size, seed)
     m = train_local(model, batches, train_settings(cfg, job, seed, len(data)))

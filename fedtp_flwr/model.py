@@ -135,6 +135,11 @@ def preset_args(name: str, **overrides) -> ModelArgs:
 
 # ---------------------------------------------------------------------------------------------- RoPE
 
+# Llama 3 RoPE scaling: this model supports low_freq_factor 1 and an original context of 8192 only
+# (every Llama 3.1 / 3.2 checkpoint); the scaling factor and the high-frequency factor are ModelArgs fields.
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies [head_dim/2], float32, with Llama 3 scaling when use_scaled_rope."""
@@ -142,7 +147,8 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32)[: hd // 2] / hd))
     if not args.use_scaled_rope:
         return freqs
-    low_freq_factor, high_freq_factor, old_context_len = 1.0, args.rope_high_freq_factor, 8192
+    low_freq_factor, high_freq_factor = LLAMA3_LOW_FREQ_FACTOR, args.rope_high_freq_factor
+    old_context_len = LLAMA3_ORIGINAL_CONTEXT
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
     wavelen = 2 * math.pi / freqs
@@ -219,9 +225,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
@@ -237,7 +242,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False

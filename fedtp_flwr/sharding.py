@@ -170,8 +170,13 @@ def merge(
     vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Inverse of shard. `shards` are in rank order (len = world size). Split parameters are concatenated;
-    replicated parameters are averaged (with `weights`, normalised), or taken as they are when every
-    shard holds the same values, so merge(shard(...)) is the identity bit for bit."""
+    replicated parameters are averaged (with `weights`, normalised). With equal weights (the default) and
+    W a power of two, merge(shard(...)) is the identity bit for bit.
+
+    A thin caller of the server's merge (`aggregation.aggregate_slices`, one reply per rank), so the tests of
+    either prove the other."""
+    from .aggregation import Contribution, aggregate_slices
+
     world_size = len(shards)
     check_world_size(args, world_size, vocab_parallel)
     keys = list(shards[0].keys())
@@ -181,23 +186,16 @@ def merge(
             raise KeyError(f"shard {r} has different keys from shard 0: {diff[:5]}")
     if weights is None:
         weights = [1.0] * world_size
-    if len(weights) != world_size or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be {world_size} non-negative numbers with a positive sum, got {weights}")
-    total = float(sum(weights))
-    out = {}
-    for name in keys:
-        rule = rule_for(name, vocab_parallel)
-        parts = [s[name] for s in shards]
-        if rule is not REPLICATE:
-            out[name] = torch.cat(parts, dim=rule.dim)
-        elif all(p is parts[0] or torch.equal(p, parts[0]) for p in parts[1:]):
-            out[name] = parts[0]
-        else:
-            acc = torch.zeros_like(parts[0], dtype=torch.float32)
-            for p, w in zip(parts, weights):
-                acc.add_(p.float(), alpha=w / total)
-            out[name] = acc.to(parts[0].dtype)
-    return out
+    if len(weights) != world_size or any(not w > 0 for w in weights):
+        raise ValueError(f"weights must be {world_size} positive numbers, got {weights}")
+    shapes = full_shapes(args)
+    unknown = sorted(set(keys) - set(shapes))
+    if unknown:
+        raise KeyError(f"shards hold parameters the model does not have: {unknown[:5]}")
+    # Every rank has a reply, so the "global" state only gives each output its shape and dtype.
+    frame = {k: torch.empty(shapes[k], dtype=shards[0][k].dtype, device="meta") for k in keys}
+    contributions = [Contribution(r, s, float(w)) for r, (s, w) in enumerate(zip(shards, weights))]
+    return aggregate_slices(frame, contributions, args, world_size, "per-rank", vocab_parallel)
 
 
 def split_fraction(args: ModelArgs, vocab_parallel: bool = False) -> float:

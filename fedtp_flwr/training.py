@@ -10,6 +10,7 @@ and a model with frozen parameters: only parameters with `requires_grad` are opt
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -231,7 +232,8 @@ def _build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim
     if settings.optimizer == "adamw" and not bf16:
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError):  # no fused kernel for this device/dtype in this torch
+        except (RuntimeError, ValueError) as e:  # no fused kernel for this device/dtype in this torch
+            logging.getLogger(__name__).info("AdamW: no fused kernel here (%s); using the foreach one", e)
             return torch.optim.AdamW(groups, foreach=True, **kwargs)
     import torchao.optim  # imported only when chosen: it compiles its step with torch.compile (~30 s once on a CPU)
 
