@@ -5,6 +5,10 @@ holding this rank's block, plus the other ranks' blocks ("the rest") frozen in l
 (`quant.QTensor`, absmax int8/int4 or bf16). Replicated parameters (embeddings, norms, output) are
 ordinary trainable parameters. So the model's state dict is exactly the rank's slice, as
 `sharding.shard` returns it, and the reply code uploads it unchanged; the rest never leaves the client.
+With `vocab_parallel`, `tok_embeddings` and `output` are split by vocabulary rows too: the output becomes a
+FrozenContextLinear (its frozen rows are dequantized a block of rows at a time, so the softmax covers the
+whole vocabulary without the full weight), the embedding a `FrozenContextEmbedding` (a token of another
+rank reads its frozen row, dequantized alone).
 
 Memory: the rest is held low-bit (non-persistent buffers, never in the state dict). Each forward and
 each backward of a layer dequantizes its rest into a transient full weight; a custom autograd function
@@ -146,7 +150,33 @@ class _ContextLinearFn(torch.autograd.Function):
 _ROW_BLOCK_BYTES = 32 * 2**20
 
 
-class FrozenContextLinear(nn.Linear):
+class _FrozenRest:
+    """The frozen low-bit part of a context layer: a QTensor kept in non-persistent buffers (`rest_data`,
+    `rest_scale`), so it moves with the module but never enters the state dict."""
+
+    def _init_rest(self, rest_shape: tuple[int, int]) -> None:
+        self.rest_shape = tuple(rest_shape)
+        self.rest_bits: Optional[int] = None
+        self.rest_group_size: Optional[int] = None
+        self.register_buffer("rest_data", None, persistent=False)
+        self.register_buffer("rest_scale", None, persistent=False)
+
+    def load_rest(self, rest: QTensor) -> None:
+        """Hold `rest` (moved to the weight's device, kept low-bit) as the frozen blocks."""
+        if tuple(rest.shape) != self.rest_shape:
+            raise ValueError(f"the frozen rest has shape {tuple(rest.shape)}, this layer needs {self.rest_shape}")
+        rest = rest.to(self.weight.device)
+        self.rest_data, self.rest_scale = rest.data, rest.scale
+        self.rest_bits, self.rest_group_size = rest.bits, rest.group_size
+
+    @property
+    def rest(self) -> QTensor:
+        if self.rest_data is None:
+            raise RuntimeError(f"{type(self).__name__} has no frozen rest; call load_rest first")
+        return QTensor(self.rest_data, self.rest_scale, self.rest_bits, self.rest_shape, self.rest_group_size)
+
+
+class FrozenContextLinear(_FrozenRest, nn.Linear):
     """A full-width bias-free linear [out_features, in_features] whose `weight` parameter is only this
     rank's block along `split.dim`; the other ranks' blocks are a frozen QTensor held in non-persistent
     buffers (`rest_data`, `rest_scale`), so `state_dict()` is {"weight": slice} and nothing else.
@@ -168,25 +198,7 @@ class FrozenContextLinear(nn.Linear):
         self.weight = nn.Parameter(torch.empty(block, device=device, dtype=dtype))
         rest = list(full)
         rest[split.dim] -= block[split.dim]
-        self.rest_shape = tuple(rest)
-        self.rest_bits: Optional[int] = None
-        self.rest_group_size: Optional[int] = None
-        self.register_buffer("rest_data", None, persistent=False)
-        self.register_buffer("rest_scale", None, persistent=False)
-
-    def load_rest(self, rest: QTensor) -> None:  # also FrozenContextEmbedding's
-        """Hold `rest` (moved to the weight's device, kept low-bit) as the frozen blocks."""
-        if tuple(rest.shape) != self.rest_shape:
-            raise ValueError(f"the frozen rest has shape {tuple(rest.shape)}, this layer needs {self.rest_shape}")
-        rest = rest.to(self.weight.device)
-        self.rest_data, self.rest_scale = rest.data, rest.scale
-        self.rest_bits, self.rest_group_size = rest.bits, rest.group_size
-
-    @property
-    def rest(self) -> QTensor:
-        if self.rest_data is None:
-            raise RuntimeError("FrozenContextLinear has no frozen rest; call load_rest first")
-        return QTensor(self.rest_data, self.rest_scale, self.rest_bits, self.rest_shape, self.rest_group_size)
+        self._init_rest(tuple(rest))
 
     def full_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The full [out, in] weight in `dtype`: the dequantized rest with `weight` inserted at this rank's
@@ -242,7 +254,7 @@ class FrozenContextLinear(nn.Linear):
                 f"rank={self.rank}/{self.world_size}, rest_bits={self.rest_bits}")
 
 
-class FrozenContextEmbedding(nn.Embedding):
+class FrozenContextEmbedding(_FrozenRest, nn.Embedding):
     """A full [vocab, dim] embedding whose `weight` parameter is only this rank's block of rows
     (vocabulary-parallel); the other rows are a frozen QTensor in non-persistent buffers, so `state_dict()`
     is {"weight": block}. A token in the block reads its trainable row; any other token reads its frozen row,
@@ -257,14 +269,7 @@ class FrozenContextEmbedding(nn.Embedding):
         self.rank, self.world_size = rank, world_size
         size = num_embeddings // world_size
         self.weight = nn.Parameter(torch.empty(size, embedding_dim, device=device, dtype=dtype))
-        self.rest_shape = (num_embeddings - size, embedding_dim)
-        self.rest_bits: Optional[int] = None
-        self.rest_group_size: Optional[int] = None
-        self.register_buffer("rest_data", None, persistent=False)
-        self.register_buffer("rest_scale", None, persistent=False)
-
-    load_rest = FrozenContextLinear.load_rest
-    rest = FrozenContextLinear.rest
+        self._init_rest((num_embeddings - size, embedding_dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         size = self.weight.shape[0]
