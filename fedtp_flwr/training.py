@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -235,8 +236,16 @@ def _build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim
         except (RuntimeError, ValueError) as e:  # no fused kernel for this device/dtype in this torch
             logging.getLogger(__name__).info("AdamW: no fused kernel here (%s); using the foreach one", e)
             return torch.optim.AdamW(groups, foreach=True, **kwargs)
-    import torchao.optim  # imported only when chosen: it compiles its step with torch.compile (~30 s once on a CPU)
-
+    device = groups[0]["params"][0].device
+    try:
+        import torchao.optim  # imported only when chosen: it compiles its step with torch.compile (~30 s on a CPU)
+    except ImportError as e:
+        raise ValueError(f"optimizer {settings.optimizer!r}{' on bfloat16 weights' if bf16 else ''} needs torchao "
+                         f"({e}); pip install torchao, or use optimizer 'adamw' with float32 weights") from None
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise ValueError(f"optimizer {settings.optimizer!r}{' on bfloat16 weights' if bf16 else ''} runs torchao's "
+                         "step through torch.compile, which on a CPU needs a C++ compiler (c++, g++ or clang++) and "
+                         "none is on PATH; install one, or use optimizer 'adamw' with float32 weights")
     cls = {"adamw": torchao.optim._AdamW, "adamw8bit": torchao.optim.AdamW8bit,
            "adamw4bit": torchao.optim.AdamW4bit}[settings.optimizer]
     return cls(groups, bf16_stochastic_round=bf16, **kwargs)

@@ -112,3 +112,12 @@ def test_bf16_weights_move_below_their_rounding_step(base):
     train_local(model, batches(), TrainSettings(learning_rate=1e-6, local_steps=3, max_grad_norm=0, seed=0))
     w, w0 = model.layers[0].feed_forward.w1.weight, start["layers.0.feed_forward.w1.weight"]
     assert (w != w0).float().mean() > 0.001  # some weights moved by a whole bf16 step
+
+
+def test_a_cpu_without_a_compiler_is_told_what_works(base, monkeypatch):
+    """torchao's step is compiled; without a C++ compiler the client stops at its first round with an error
+    naming the option and what runs anywhere (not a compiler traceback mid-training)."""
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="adamw4bit.*C\\+\\+ compiler.*'adamw' with float32"):
+        training.make_optimizer(copy.deepcopy(base), TrainSettings(optimizer="adamw4bit"))
+    training.make_optimizer(copy.deepcopy(base), TrainSettings(optimizer="adamw"))  # torch's: no compiler needed
