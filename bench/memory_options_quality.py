@@ -34,9 +34,9 @@ import _common
 import fedtp_flwr.training
 import learning_quality as lq
 from fedtp_flwr.checkpoint import save_meta_checkpoint
-from fedtp_flwr.data import build_dataset, eval_batches, iterate_batches, load_examples, load_tokenizer
+from fedtp_flwr.data import build_dataset, iterate_batches, load_tokenizer
 from fedtp_flwr.model import build_model, preset_args
-from fedtp_flwr.training import TrainSettings, evaluate, train_local
+from fedtp_flwr.training import TrainSettings, train_local
 
 VOCAB = 2048
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>"]

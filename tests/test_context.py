@@ -16,7 +16,7 @@ from fedtp_flwr.context import (
     FrozenContextLinear, build_context_model, context_rest, quantize_rest, rest_from_arrays, rest_shapes,
     rest_to_arrays, split_names,
 )
-from fedtp_flwr.model import ModelArgs, Transformer, build_model
+from fedtp_flwr.model import Transformer, build_model
 from fedtp_flwr.quant import dequantize
 from fedtp_flwr.sharding import REPLICATE, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
 from fedtp_flwr.training import TrainSettings, param_groups, train_local
