@@ -30,6 +30,7 @@ comes first, so torch's (and torch.compile's, for torchao) one-time allocations 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import itertools
 import sys
@@ -40,6 +41,7 @@ import torch
 import _common
 import _memory_model as mm
 from fedtp_flwr.sharding import valid_world_sizes
+from fedtp_flwr import training
 from fedtp_flwr.training import TrainSettings, train_local
 
 _CTX = {"slice-mode": "context"}
@@ -81,11 +83,37 @@ def settings_for(opts: dict, steps: int) -> TrainSettings:
                          gradient_checkpointing=o["gradient-checkpointing"])
 
 
+def warm_optimizer_compile(args, world_size: int, opts: dict, device: str) -> None:
+    """Step the option's optimizer once on zero tensors of every (shape, dtype) the client model's optimizer
+    will step (row blocks with the step in backward), with both weight-decay values, so that torch.compile
+    has compiled torchao's step for each before the baseline is taken: compiled code is a one-time cost of
+    the process, not training memory. A no-op cost for torch's AdamW."""
+    settings = settings_for(opts, 1)
+    shapes = set()
+    for p in mm.client_model(args, world_size, opts).parameters():  # meta: allocates nothing
+        rows = p.shape[0]
+        if settings.optimizer_in_backward and p.dim() > 1:
+            rows = min(rows, max(1, training.STEP_BLOCK_VALUES // p[0].numel()))
+        shapes.add(((rows, *p.shape[1:]), p.dtype))
+        if p.shape[0] % rows:
+            shapes.add(((p.shape[0] % rows, *p.shape[1:]), p.dtype))
+    for shape, dtype in sorted(shapes, key=str):
+        for wd in {settings.weight_decay, 0.0}:
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+            opt = training._build_optimizer([{"params": [p], "weight_decay": wd}], settings)
+            for _ in range(2):
+                p.grad = torch.full_like(p, 1e-3)
+                training.set_lr(opt, 1e-4)
+                opt.step()
+            del p, opt
+
+
 def worker(a) -> dict:
     """One (option, W), in this (fresh) process."""
     opts = OPTIONS[a.option]
     args = _common.model_args(a.model)
     device = torch.device(a.device)
+    warm_optimizer_compile(args, a.world_size, opts, a.device)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (a.batch, a.seq + 1), generator=g)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
@@ -143,6 +171,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="workers at once (each is its own process; RSS is per process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--table-batch", type=int, default=1, help="batch of the analytic tables")
     p.add_argument("--table-seq", type=int, default=2048, help="sequence length of the analytic tables")
@@ -170,14 +199,18 @@ def main(argv=None) -> dict:
     else:
         plan = [(n, w) for n in ("today", "best") for w in ws]
         plan += [(n, 2) for n in OPTIONS if n not in ("today", "best", "independent-best")]
-    rows = []
-    for name, w in plan:
+    def measure(item):
+        name, w = item
         argv_w = ["--model", a.model, "--option", name, "--world-size", str(w), "--batch", str(a.batch),
                   "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device]
         if a.quick:
-            m = worker(p.parse_args(["--worker", *argv_w]))
-        else:
-            m = _common.run_worker(__file__, argv_w, env=_common.LIVE_MALLOC_ENV)
+            return worker(p.parse_args(["--worker", *argv_w]))
+        return _common.run_worker(__file__, argv_w, env=_common.LIVE_MALLOC_ENV)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        measured_all = list(pool.map(measure, plan))
+    rows = []
+    for (name, w), m in zip(plan, measured_all):
         an = mm.client_peak(args, w, OPTIONS[name], a.batch, a.seq)
         cuda = "cuda_peak_allocated_delta" in m
         measured = m["cuda_peak_allocated_delta"] if cuda else m["peak_rss_delta"]
