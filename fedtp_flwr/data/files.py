@@ -59,14 +59,15 @@ def _read_jsonl(path: Path) -> Iterator[Example]:
             kind = type(record).__name__
             raise DataError(f'{where}: expected a JSON object with a "text" string, got {kind}')
         if "text" not in record:
-            raise DataError(f'{where}: missing "text" key (keys: {", ".join(sorted(record)) or "none"})')
+            raise DataError(f'{where}: missing "text" key (the object has {len(record)} other key(s))')
         text, source = record["text"], record.get("source", path.stem)
         if not isinstance(text, str):
             raise DataError(f'{where}: "text" must be a string, got {type(text).__name__}')
         if not text.strip():
             raise DataError(f'{where}: "text" is empty')
         if not isinstance(source, str) or not source:
-            raise DataError(f'{where}: "source" must be a non-empty string, got {source!r}')
+            got = "an empty string" if source == "" else type(source).__name__
+            raise DataError(f'{where}: "source" must be a non-empty string, got {got}')
         yield Example(text, source)
 
 

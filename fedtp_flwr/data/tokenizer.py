@@ -88,8 +88,8 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
             raise DataError(
-                f"{path}:{lineno}: not a tiktoken BPE file (expected 'base64-token rank', "
-                f"got {line[:60]!r})"
+                f"{path}:{lineno}: not a tiktoken BPE file (expected 'base64-token rank', got a line of "
+                f"{len(line.split())} field(s) that does not parse)"
             ) from None
     if not ranks:
         raise DataError(f"{path}: tokenizer file has no BPE ranks")
