@@ -15,6 +15,7 @@ from .training import OPTIMIZERS
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 SLICE_MODES = ("independent", "context")
 MERGE_WEIGHTINGS = ("auto", "per-rank", "all-clients")
+RANK_MERGES = ("mean", "median", "trimmed-mean")
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
@@ -45,6 +46,12 @@ class RunConfig:
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
+    # -- untrusted clients
+    max_num_examples: int = _key("max-num-examples", 100_000_000, "largest num-examples a reply may claim (training: local examples; client-eval: held-out tokens); a reply claiming more is dropped", minimum=1)
+    outlier_norm_factor: float = _key("outlier-norm-factor", 10.0, "drop a reply whose update norm (its rank slice, or the replicated layers) exceeds this multiple of the round's median, when >= 3 replies compare (0: off)", minimum=0.0)
+    rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES)
+    trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0)
+    max_loss_increase: float = _key("max-loss-increase", 1.5, "keep the previous model when the merged model's held-out loss is non-finite or above this multiple of the previous round's (0: only non-finite losses are refused)", minimum=0.0)
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
     checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")
@@ -84,6 +91,12 @@ class RunConfig:
         if self.vocab_parallel and self.slice_mode != "context":
             raise ConfigError('config key \'vocab-parallel\': true needs slice-mode = "context": an independent '
                               "sub-model has no other vocabulary rows to take its softmax over")
+        if not self.trimmed_mean_beta < 0.5:
+            raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
+                              "[0, 0.5) (the fraction cut from each tail)")
+        if 0 < self.max_loss_increase < 1:
+            raise ConfigError(f"config key 'max-loss-increase': {self.max_loss_increase!r} is not allowed; it must be 0 "
+                              "(off) or >= 1 (a factor on the previous round's held-out loss)")
         if self.optimizer_in_backward and (self.max_grad_norm or self.grad_accum_steps != 1):
             raise ConfigError("config key 'optimizer-in-backward': true steps each parameter during backward, so it "
                               "cannot clip the global gradient norm or accumulate micro-batches: set max-grad-norm = 0 "

@@ -1,63 +1,130 @@
-"""Checking a client's training reply before anything of it reaches the global model.
+"""Checking a client's reply before anything of it reaches the global model or the logs.
 
-A reply is accepted only if it is not an error, carries one ArrayRecord "arrays" whose keys are exactly
-the slice the node was sent, each Array of the expected wire dtype and shape with only finite values,
-and a MetricRecord "metrics" with a positive finite num-examples. Anything else raises ReplyError with
-the reason; the strategy logs it and drops the reply.
+A training reply is accepted only if it is not an error and holds exactly two records: an ArrayRecord
+"arrays" whose keys are exactly the slice the node was sent, each Array's declared dtype and shape, and its
+.npy header's, equal to the expected wire dtype and shape, with only finite values; and a MetricRecord
+"metrics" whose num-examples is an integer in [1, max-num-examples] and whose known metrics (below) are
+finite numbers. An evaluation reply (client-eval) holds exactly one MetricRecord "metrics", checked the
+same way. Anything else raises ReplyError with the reason; the strategy logs it and drops the reply.
+
+Metrics are reduced here, from the known keys of checked replies only (unknown keys are ignored): no
+client's records are handed to code that could throw on them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .wire import NUMPY_DTYPE, decode
 
+# Metrics this project's client sends (besides num-examples), and that the server averages.
+TRAIN_METRICS = ("train-loss", "train-perplexity", "num-tokens", "tokens-per-second", "received-parameters")
+EVAL_METRICS = ("slice-loss", "slice-perplexity")
+
 
 class ReplyError(ValueError):
     pass
 
 
-def check_reply(
-    msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wire_dtype: str
-) -> tuple[dict[str, torch.Tensor], float]:
-    """-> (the slice, num-examples), or ReplyError. The slice's tensors are read-only views of the reply's
-    bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time."""
+def safe_text(text: object, limit: int = 200) -> str:
+    """A client's (or a file's) text as one short, printable line: control and non-ASCII characters escaped,
+    cut to `limit` characters with the number of characters left out."""
+    s = str(text)
+    cut = s[:limit]
+    out = cut.encode("ascii", "backslashreplace").decode("ascii")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in out)
+    return out + (f"... ({len(s) - limit} more characters)" if len(s) > limit else "")
+
+
+@dataclass
+class CheckedReply:
+    state: dict[str, torch.Tensor]  # the slice: read-only views of the reply's bytes, in the wire dtype
+    num_examples: int
+    metrics: dict[str, float]  # known metric keys only
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_metrics(msg: Message, records: tuple[str, ...], known: tuple[str, ...],
+                   max_num_examples: int) -> tuple[int, dict[str, float]]:
+    """The reply is not an error and holds exactly `records`; -> (num-examples, known metrics)."""
     if msg.has_error():
-        raise ReplyError(f"error reply (code {msg.error.code}): {msg.error.reason}")
+        raise ReplyError(f"error reply (code {msg.error.code}): {safe_text(msg.error.reason)}")
     content = msg.content
-    arrays = content.get("arrays") if "arrays" in content else None
-    metrics = content.get("metrics") if "metrics" in content else None
-    if not isinstance(arrays, ArrayRecord):
-        raise ReplyError("no ArrayRecord 'arrays' in the reply")
+    names = sorted(content.keys())
+    if names != sorted(records):
+        raise ReplyError(f"records {safe_text(names)}, expected exactly {sorted(records)}")
+    metrics = content["metrics"]
     if not isinstance(metrics, MetricRecord):
         raise ReplyError("no MetricRecord 'metrics' in the reply")
     n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        raise ReplyError(f"num-examples must be a positive number, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_num_examples:
+        raise ReplyError(f"num-examples must be an integer in [1, {max_num_examples}] (max-num-examples), "
+                         f"got {safe_text(repr(n), 60)}")
+    values = {}
+    for key in known:
+        if key in metrics:
+            v = metrics[key]
+            if not _is_number(v) or not math.isfinite(v):
+                raise ReplyError(f"metric {key!r} must be a finite number, got {safe_text(repr(v), 60)}")
+            values[key] = float(v)
+    return n, values
+
+
+def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wire_dtype: str,
+                max_num_examples: int) -> CheckedReply:
+    """A training reply -> CheckedReply, or ReplyError. The slice's tensors are read-only views of the
+    reply's bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time."""
+    n, values = _check_metrics(msg, ("arrays", "metrics"), TRAIN_METRICS, max_num_examples)
+    arrays = msg.content["arrays"]
+    if not isinstance(arrays, ArrayRecord):
+        raise ReplyError("no ArrayRecord 'arrays' in the reply")
     missing = sorted(set(expected_shapes) - set(arrays))
     extra = sorted(set(arrays) - set(expected_shapes))
     if missing or extra:
         raise ReplyError(f"keys differ from the slice sent: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+                         f"unexpected {safe_text(extra[:3], 120)}{'...' if len(extra) > 3 else ''}")
     want_dtype = NUMPY_DTYPE[wire_dtype]
     for k, shape in expected_shapes.items():
         a = arrays[k]
+        if a.stype != "numpy.ndarray":
+            raise ReplyError(f"{k}: serialization {safe_text(a.stype, 40)}, expected numpy.ndarray")
         if a.dtype != want_dtype:
-            raise ReplyError(f"{k}: dtype {a.dtype}, expected {want_dtype} (wire dtype {wire_dtype})")
+            raise ReplyError(f"{k}: dtype {safe_text(a.dtype, 40)}, expected {want_dtype} (wire dtype {wire_dtype})")
         if tuple(a.shape) != tuple(shape):
-            raise ReplyError(f"{k}: shape {tuple(a.shape)}, expected {tuple(shape)}")
+            raise ReplyError(f"{k}: shape {safe_text(tuple(a.shape), 60)}, expected {tuple(shape)}")
     try:
         state = decode(arrays, wire_dtype, dtype=None, copy=False)
-    except ValueError as e:  # malformed .npy bytes
-        raise ReplyError(f"arrays could not be decoded: {e}") from e
+    except Exception as e:  # malformed .npy bytes, or a header that contradicts the declared dtype/shape
+        raise ReplyError(f"arrays could not be decoded: {safe_text(e)}") from None
     for k, t in state.items():
         if tuple(t.shape) != tuple(expected_shapes[k]):
             raise ReplyError(f"{k}: data shape {tuple(t.shape)} differs from its declared shape")
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise ReplyError(f"{k}: {bad} non-finite value(s) (NaN/Inf)")
-    return state, float(n)
+    return CheckedReply(state, n, values)
+
+
+def check_eval_reply(msg: Message, max_num_examples: int) -> tuple[int, dict[str, float]]:
+    """A client-eval reply -> (num-examples, known metrics), or ReplyError."""
+    return _check_metrics(msg, ("metrics",), EVAL_METRICS, max_num_examples)
+
+
+def reduce_metrics(replies: Iterable[tuple[int, Mapping[str, float]]]) -> MetricRecord:
+    """num-examples-weighted mean of each known metric over the checked replies that report it (the
+    weighting key itself left out, as Flower's aggregate_metricrecords does)."""
+    replies = list(replies)
+    out = {}
+    for key in sorted({k for _, m in replies for k in m}):
+        pairs = [(n, m[key]) for n, m in replies if key in m]
+        total = sum(n for n, _ in pairs)
+        out[key] = sum(v * (n / total) for n, v in pairs)
+    return MetricRecord(out)

@@ -100,16 +100,19 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
         sum(t.numel() for t in state.values()) / 1e6, cfg.world_size, first_round, cfg.num_server_rounds, out_dir)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        merged = decode(arrays, "float32", dtype=None, copy=False)
-        eval_model.load_state_dict(merged)
+        eval_model.load_state_dict(decode(arrays, "float32", dtype=None, copy=False))
         res = evaluate(eval_model, batches, precision=cfg.precision)
         log(INFO, "round %d: held-out loss %.4f, perplexity %.2f (%d tokens)", rnd, res["loss"],
             res["perplexity"], res["num_tokens"])
-        outputs.record(rnd, res["loss"], res["perplexity"], merged if rnd >= first_round else None)
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
+
+    def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord) -> None:
+        """The global model each round ends with (the previous one when the merged model was refused)."""
+        state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round else None
+        outputs.record(rnd, metrics["loss"], metrics["perplexity"], state)
 
     strategy = FederatedTensorParallel(args, cfg)
     strategy.start(grid, encode(state), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                   evaluate_fn=evaluate_fn, first_round=first_round)
+                   evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
     log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,
         outputs.checkpoint_path(cfg.num_server_rounds).parent)

@@ -11,22 +11,24 @@ exactly as it would to a plain FedAvg average.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.constants import DEFAULT_TTL
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from .aggregation import Contribution, aggregate_slices
 from .config import RunConfig
 from .context import context_rest, quantize_rest, rest_to_arrays
 from .model import ModelArgs
-from .replies import ReplyError, check_reply
+from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
+from .robust import outliers, robust_aggregate_slices, update_rms
 from .sharding import shard, slice_shapes
 from .wire import decode, encode, record_nbytes
 
@@ -51,6 +53,12 @@ def _as_float32(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
 
 
+def message_ttl(round_timeout: float) -> float:
+    """A message must outlive the wait for its reply: at least round-timeout, plus a margin for sending the
+    round's messages before the wait starts; never less than Flower's default (12 hours)."""
+    return max(float(DEFAULT_TTL), round_timeout + 600.0)
+
+
 def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
                  enable_swapping: bool = False, swap_period: int = 2) -> dict[int, int]:
     """Node -> rank. Nodes in id order take ranks 0, 1, ..., W-1, 0, 1, ... (more nodes than W: nodes that
@@ -70,6 +78,7 @@ class FederatedTensorParallel(Strategy):
         # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
         # only what is needed to tell which node a reply the SuperLink wrote for it stands for.
         self._sent: dict[int, list] = {}
+        self._inner_before: dict | None = None  # the inner rule's state before the last aggregate_train
 
     # ----------------------------------------------------------------------------------- messages
 
@@ -102,7 +111,8 @@ class FederatedTensorParallel(Strategy):
                         "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size,
                         "vocab-parallel": self.cfg.vocab_parallel})
             content = RecordDict({**records[ranks[node]], "config": cfg})
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type,
+                                    ttl=message_ttl(self.cfg.round_timeout)))
         if message_type == MessageType.TRAIN:
             self._sent = {server_round: [m.metadata for m in messages]}
         sent = sum(record_nbytes(rec) for n in node_ids for rec in records[ranks[n]].values())
@@ -127,33 +137,68 @@ class FederatedTensorParallel(Strategy):
 
     # -------------------------------------------------------------------------------- aggregation
 
-    def _valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, int, dict, float]]:
-        ranks = self.ranks.get(server_round, {})
-        # A node the SuperLink lost (no heartbeat) is answered for by the SuperLink itself: an error reply with
-        # the SuperLink's node id. Name the node it was meant for, from the message it replies to.
-        sent_to = {md.message_id: md.dst_node_id for md in self._sent.get(server_round, []) if md.message_id}
-        good, received, answered = [], 0, set()
+    def _reply_node(self, server_round: int, msg: Message) -> int:
+        """The node a reply stands for. A node the SuperLink lost (no heartbeat) is answered for by the
+        SuperLink itself: an error reply with the SuperLink's node id; name the node it was meant for, from
+        the message it replies to."""
+        node = msg.metadata.src_node_id
+        if node not in self.ranks.get(server_round, {}) and msg.has_error():
+            sent_to = {md.message_id: md.dst_node_id for md in self._sent.get(server_round, []) if md.message_id}
+            node = sent_to.get(msg.metadata.reply_to_message_id, node)
+        return node
+
+    def _first_replies(self, server_round: int, replies: Iterable[Message], kind: str) -> list[tuple[int, Message]]:
+        """(node, reply) for the first reply of each node; later ones are dropped and named."""
+        out, seen = [], set()
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if node not in ranks and msg.has_error():
-                node = sent_to.get(msg.metadata.reply_to_message_id, node)
-            answered.add(node)
-            if not msg.has_error() and "arrays" in msg.content and isinstance(msg.content["arrays"], ArrayRecord):
+            node = self._reply_node(server_round, msg)
+            if node in seen:
+                log(WARNING, "round %d: dropping %s reply from node %d: a second reply from this node in this "
+                    "round (only the first counts)", server_round, kind, node)
+                continue
+            seen.add(node)
+            out.append((node, msg))
+        return out
+
+    def _valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, Contribution, dict]]:
+        """(node, contribution, metrics) of each reply that passed the checks and is not an outlier."""
+        ranks = self.ranks.get(server_round, {})
+        good, received = [], 0
+        replies = self._first_replies(server_round, replies, "training")
+        for node, msg in replies:
+            if not msg.has_error() and isinstance(msg.content.get("arrays") if "arrays" in msg.content else None,
+                                                  ArrayRecord):
                 received += record_nbytes(msg.content["arrays"])
             try:
-                if node not in ranks and not msg.has_error():
+                if node not in ranks:
                     raise ReplyError("this node was not sent a slice in this round")
-                state, n = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype)
+                checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples)
             except ReplyError as e:
                 log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node), e)
                 continue
-            good.append((msg, ranks[node], state, n))
-        for node in sorted(set(ranks) - answered):
+            good.append((node, Contribution(ranks[node], checked.state, checked.num_examples), checked.metrics))
+        for node in sorted(set(ranks) - {n for n, _ in replies}):
             log(WARNING, "round %d: no reply from node %d (rank %d) within round-timeout %g s", server_round, node,
                 ranks[node], self.cfg.round_timeout)
+        if self.cfg.outlier_norm_factor > 0 and len(good) >= 3:
+            global_state = decode(self.current, "float32", dtype=None, copy=False)
+            norms = [update_rms(global_state, c, self.args, self.world_size, self.cfg.vocab_parallel) for _, c, _ in good]
+            bad = outliers(norms, self.cfg.outlier_norm_factor)
+            for i in sorted(bad):
+                log(WARNING, "round %d: dropping reply from node %d (rank %d): %s", server_round, good[i][0],
+                    good[i][1].rank, bad[i])
+            good = [g for i, g in enumerate(good) if i not in bad]
         log(INFO, "round %d: %d valid repl%s, %.1f MB received", server_round, len(good),
             "y" if len(good) == 1 else "ies", received / 1e6)
         return good
+
+    def _merge(self, global_state: dict, contributions: list[Contribution]) -> dict:
+        weighting = self.cfg.effective_merge_weighting
+        if self.cfg.rank_merge == "mean":
+            return aggregate_slices(global_state, contributions, self.args, self.world_size, weighting,
+                                    self.cfg.vocab_parallel)
+        return robust_aggregate_slices(global_state, contributions, self.args, self.world_size, self.cfg.rank_merge,
+                                       self.cfg.trimmed_mean_beta, weighting, self.cfg.vocab_parallel)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._valid_replies(server_round, replies)
@@ -161,21 +206,30 @@ class FederatedTensorParallel(Strategy):
             log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; round skipped, global model kept",
                 server_round, len(good), self.cfg.min_train_nodes)
             return None, None
-        untrained = sorted(set(range(self.world_size)) - {rank for _, rank, _, _ in good})
+        contributions = [c for _, c, _ in good]
+        untrained = sorted(set(range(self.world_size)) - {c.rank for c in contributions})
         if untrained:
             log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", server_round, untrained)
         global_state = decode(self.current, "float32", dtype=None, copy=False)
-        merged = aggregate_slices(global_state, [Contribution(r, s, n) for _, r, s, n in good], self.args,
-                                  self.world_size, self.cfg.effective_merge_weighting, self.cfg.vocab_parallel)
-        merged_record = encode(merged, "float32")
-        metrics = aggregate_metricrecords([m.content for m, _, _, _ in good], "num-examples")
+        merged_record = encode(self._merge(global_state, contributions), "float32")
+        metrics = reduce_metrics((c.weight, m) for _, c, m in good)
+        # The inner rule's state (FedAvgM momentum, FedOpt moments) as it was before this round: Flower's rules
+        # rebind those attributes to new objects rather than change them in place, so a shallow copy keeps them.
+        self._inner_before = dict(vars(self.inner))
         if type(self.inner) in (FedAvg, FedProx):
             return merged_record, metrics  # their rule on one reply is the identity
-        total = sum(n for _, _, _, n in good)
+        total = sum(c.weight for c in contributions)
         one_reply = Message(RecordDict({"arrays": merged_record, "metrics": MetricRecord({"num-examples": total})}),
                             dst_node_id=0, message_type=MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [one_reply])
         return _as_float32(arrays), metrics
+
+    def discard_round(self) -> None:
+        """Forget the last aggregate_train: the inner rule's state goes back to what it was before it."""
+        before = getattr(self, "_inner_before", None)
+        if before is not None:
+            vars(self.inner).clear()
+            vars(self.inner).update(before)
 
     # ------------------------------------------------------------------- client-side evaluation
 
@@ -188,13 +242,18 @@ class FederatedTensorParallel(Strategy):
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = [m for m in replies if not m.has_error() and "metrics" in m.content]
-        for m in replies:
-            if m.has_error():
-                log(WARNING, "round %d: evaluation error from node %d: %s", server_round, m.metadata.src_node_id, m.error.reason)
+        ranks = self.ranks.get(server_round, {})
+        good = []
+        for node, msg in self._first_replies(server_round, replies, "evaluation"):
+            try:
+                if node not in ranks:
+                    raise ReplyError("this node was not sent a slice in this round")
+                good.append(check_eval_reply(msg, self.cfg.max_num_examples))
+            except ReplyError as e:
+                log(WARNING, "round %d: dropping evaluation reply from node %d: %s", server_round, node, e)
         if not good:
             return None
-        return aggregate_metricrecords([m.content for m in good], "num-examples")
+        return reduce_metrics(good)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Federated tensor parallel: world size %d, %s slices, %s merge, wire %s, swapping %s",
@@ -203,26 +262,56 @@ class FederatedTensorParallel(Strategy):
         if self.cfg.slice_mode == "context" and self.cfg.effective_merge_weighting == "per-rank":
             log(WARNING, "context slices with per-rank merging diverged in our benchmark (1.17x FedAvg's perplexity "
                 "at W=2, 1.87x at W=4); all-clients merging matched FedAvg (bench/results/learning_quality.md)")
+        if self.cfg.min_available_nodes < self.world_size:
+            log(WARNING, "min-available-nodes=%d is less than world-size=%d: a round may start with fewer nodes "
+                "than ranks, and the ranks without a node go untrained that round", self.cfg.min_available_nodes,
+                self.world_size)
+        log(INFO, "\t├──> Untrusted replies: max-num-examples %d, outlier-norm-factor %g, rank-merge %s%s, "
+            "max-loss-increase %g", self.cfg.max_num_examples, self.cfg.outlier_norm_factor, self.cfg.rank_merge,
+            f" (beta {self.cfg.trimmed_mean_beta:g})" if self.cfg.rank_merge == "trimmed-mean" else "",
+            self.cfg.max_loss_increase)
         log(INFO, "\t├──> Server rule: Flower's %s", type(self.inner).__name__)
         self.inner.summary()
 
     # ------------------------------------------------------------------------------------ rounds
 
+    def _refuse(self, server_round: int, new: MetricRecord | None, kept: MetricRecord | None) -> str | None:
+        """Why the merged model must not become the global model, or None: its held-out loss is not finite,
+        or above max-loss-increase x the kept model's."""
+        if new is None:
+            return None
+        loss = float(new["loss"])
+        if not math.isfinite(loss):
+            return f"its held-out loss is {loss}"
+        factor = self.cfg.max_loss_increase
+        if factor > 0 and kept is not None and math.isfinite(old := float(kept["loss"])) and loss > factor * old:
+            return f"its held-out loss {loss:.4f} is more than {factor:g} x the previous round's {old:.4f} (max-loss-increase)"
+        return None
+
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 1) -> Result:
+              first_round: int = 1,
+              record_fn: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None) -> Result:
         """Flower's round loop, able to begin at `first_round` (resume). Round first_round-1 is evaluated
-        first (round 0 = the initial model)."""
+        first (round 0 = the initial model).
+
+        evaluate_fn(round, arrays) evaluates a model on the server's held-out data (a MetricRecord with "loss");
+        a merged model it finds non-finite or too much worse than the previous one is refused (the global
+        model stays, the inner rule's state too) and the round goes on. record_fn(round, arrays, metrics) is
+        called once per round with the global model the round ends with."""
         log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
         self.summary()
         result, arrays = Result(), initial_arrays
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
+        kept = None  # the global model's server-side metrics
         if evaluate_fn:
-            res = evaluate_fn(first_round - 1, arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[first_round - 1] = res
+            kept = evaluate_fn(first_round - 1, arrays)
+            if kept is not None:
+                result.evaluate_metrics_serverapp[first_round - 1] = kept
+        if record_fn:
+            record_fn(first_round - 1, arrays, kept)
         for rnd in range(first_round, num_rounds + 1):
             t0 = time.time()
             log(INFO, "")
@@ -230,7 +319,16 @@ class FederatedTensorParallel(Strategy):
             replies = grid.send_and_receive(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid), timeout=timeout)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
-                arrays = result.arrays = new_arrays
+                new_metrics = evaluate_fn(rnd, new_arrays) if evaluate_fn else None
+                if (why := self._refuse(rnd, new_metrics, kept)) is not None:
+                    log(WARNING, "round %d: refusing the merged model: %s; keeping the previous global model",
+                        rnd, why)
+                    self.discard_round()
+                else:
+                    arrays = result.arrays = new_arrays
+                    kept = new_metrics
+            if kept is not None:
+                result.evaluate_metrics_serverapp[rnd] = kept
             if train_metrics is not None:
                 log(INFO, "\t└──> train metrics: %s", train_metrics)
                 result.train_metrics_clientapp[rnd] = train_metrics
@@ -240,10 +338,8 @@ class FederatedTensorParallel(Strategy):
                 if eval_metrics is not None:
                     log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics
-            if evaluate_fn:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
+            if record_fn:
+                record_fn(rnd, arrays, kept)
             log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
         if result.arrays is None:
             result.arrays = arrays

@@ -43,14 +43,25 @@ def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> Ar
 
 
 def _npy_view(array: Array) -> np.ndarray:
-    """A read-only numpy view of an Array's .npy bytes, without copying the data."""
+    """A read-only numpy view of an Array's .npy bytes, without copying the data.
+
+    The bytes are checked against what the Array declares (its dtype and shape fields): the header's dtype
+    (byte order included) and shape must equal them, and the data must be exactly that many bytes."""
     buf = io.BytesIO(array.data)
     version = np.lib.format.read_magic(buf)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(buf)
     if fortran or dtype.hasobject:
         raise ValueError("array is not a plain C-ordered numeric array")
-    return np.frombuffer(array.data, dtype=dtype, offset=buf.tell(), count=int(np.prod(shape))).reshape(shape)
+    if dtype != np.dtype(array.dtype):
+        raise ValueError(f"the .npy header's dtype {dtype.str} differs from the declared dtype {array.dtype}")
+    if tuple(shape) != tuple(array.shape):
+        raise ValueError(f"the .npy header's shape {tuple(shape)} differs from the declared shape {tuple(array.shape)}")
+    count = int(np.prod(shape))
+    if len(array.data) - buf.tell() != count * dtype.itemsize:
+        raise ValueError(f"{len(array.data) - buf.tell()} data bytes, expected {count * dtype.itemsize} for shape "
+                         f"{tuple(shape)} {dtype.name}")
+    return np.frombuffer(array.data, dtype=dtype, offset=buf.tell(), count=count).reshape(shape)
 
 
 def decode(record: ArrayRecord, wire_dtype: str = "float32", dtype: torch.dtype | None = torch.float32,

@@ -190,3 +190,76 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+
+
+# ------------------------------------------------------------------- untrusted clients (in-process runs)
+# (test_untrusted_clients.py): a small byte-level run of server.run over the in-process grid, and handlers
+# that make one node reply as an attacker would.
+
+ATTACK_RUN = {"model": "bytes-small", "tokenizer-path": "bytes", "num-server-rounds": 2, "world-size": 2,
+              "local-steps": 2, "batch-size": 2, "max-seq-len": 32, "eval-batches": 2, "max-batch-size": 4,
+              "learning-rate": 1e-3, "min-available-nodes": 2}
+ATTACKER = 3  # node 3 shares rank 0 with node 1 when three nodes run at world size 2
+
+
+def run_in_process(out: Path, handler=None, n_nodes: int = 3, grid_cls=None, **overrides) -> list[tuple]:
+    """server.run of ATTACK_RUN (+ overrides) over the in-process grid; -> the results history
+    [(round, held-out loss, perplexity)]."""
+    from fedtp_flwr.inprocess import InProcessGrid, handle
+    from fedtp_flwr.server import run
+
+    cfg = {**ATTACK_RUN, "output-dir": str(out), **overrides}
+    grid = (grid_cls or InProcessGrid)([{"partition-id": i, "num-partitions": n_nodes} for i in range(n_nodes)], cfg,
+                                      handler=handler or handle)
+    run(grid, cfg)
+    results = read_results(out / "experiment_results_llama32.pkl")
+    (history,) = results.values()
+    return history
+
+
+def tampering(node: int, tamper, message_type: str = "train"):
+    """A handler: every node replies honestly, except that `node`'s replies to `message_type` messages pass
+    through tamper(reply, msg) -> the reply it sends instead."""
+    from fedtp_flwr.inprocess import handle
+
+    def handler(msg, cfg, node_config):
+        reply = handle(msg, cfg, node_config)
+        if msg.metadata.dst_node_id == node and msg.metadata.message_type == message_type:
+            return tamper(reply, msg)
+        return reply
+
+    return handler
+
+
+def failing(node: int):
+    """A handler whose `node` raises (its reply is an error: the run without that node's updates)."""
+    from fedtp_flwr.inprocess import handle
+
+    def handler(msg, cfg, node_config):
+        if msg.metadata.dst_node_id == node:
+            raise RuntimeError("this node's reply is dropped (test baseline)")
+        return handle(msg, cfg, node_config)
+
+    return handler
+
+
+def with_content(reply, msg, **records):
+    """A reply to `msg` with the records of `reply`, some replaced (or added: records keep this order)."""
+    from flwr.app import Message, RecordDict
+
+    return Message(RecordDict({**dict(reply.content.items()), **records}), reply_to=msg)
+
+
+def with_arrays(reply, msg, change, seed: int = 0):
+    """A reply whose float32 slice is change(tensor, generator) of the honest one."""
+    from fedtp_flwr.wire import decode, encode
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: change(t, gen) for k, t in decode(reply.content["arrays"], "float32").items()}
+    return with_content(reply, msg, arrays=encode(state, "float32"))
+
+
+def with_metrics(reply, msg, **metrics):
+    from flwr.app import MetricRecord
+
+    return with_content(reply, msg, metrics=MetricRecord({**dict(reply.content["metrics"].items()), **metrics}))

@@ -48,7 +48,7 @@ def configure(strategy, state, nodes, rnd=1):
     return arrays, msgs
 
 
-def trained_reply(msg, seed, num_examples=10.0, wire="float32", mutate=None):
+def trained_reply(msg, seed, num_examples=10, wire="float32", mutate=None):
     """What a well-behaved client sends back: its slice, changed by 'training'."""
     state = decode(msg.content["arrays"], wire)
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +89,7 @@ def test_four_nodes_on_two_ranks_average_per_rank_and_replicated_over_all():
     s = make_strategy(world_size=2)
     state = global_model()
     _, msgs = configure(s, state, [1, 2, 3, 4])
-    weights = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    weights = {1: 1, 2: 2, 3: 3, 4: 4}
     replies, states = [], {}
     for m in msgs:
         node = m.metadata.dst_node_id
@@ -126,7 +126,7 @@ def test_all_clients_weighting_counts_non_trainers_as_zero_update():
     s = make_strategy(world_size=2, merge_weighting="all-clients")
     state = global_model()
     _, msgs = configure(s, state, [1, 2, 3])  # ranks 0, 1, 0
-    out = {m.metadata.dst_node_id: trained_reply(m, seed=m.metadata.dst_node_id, num_examples=1.0) for m in msgs}
+    out = {m.metadata.dst_node_id: trained_reply(m, seed=m.metadata.dst_node_id, num_examples=1) for m in msgs}
     new = decode(s.aggregate_train(1, [r for r, _ in out.values()])[0])
     k = "layers.0.feed_forward.w1.weight"
     old0, old1 = shard(state, ARGS, 0, 2)[k], shard(state, ARGS, 1, 2)[k]
@@ -143,7 +143,7 @@ def test_world_size_one_equals_flower_strategy(flower_cls):
     state = global_model()
     arrays, msgs = configure(s, state, [1, 2, 3])
     list(theirs.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))
-    replies = [trained_reply(m, seed=m.metadata.dst_node_id, num_examples=float(m.metadata.dst_node_id))[0] for m in msgs]
+    replies = [trained_reply(m, seed=m.metadata.dst_node_id, num_examples=m.metadata.dst_node_id)[0] for m in msgs]
     ours, _ = s.aggregate_train(1, replies)
     ref, _ = theirs.aggregate_train(1, replies)
     ref = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in ref.items()})  # Flower's FedAdam is float64
