@@ -53,6 +53,11 @@ def _as_float32(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
 
 
+def _why(e: Exception) -> str:
+    """A dropped reply's reason for the log (ReplyError texts already escape what the client sent)."""
+    return str(e) if isinstance(e, ReplyError) else f"the reply could not be checked ({type(e).__name__}: {safe_text(e)})"
+
+
 def message_ttl(round_timeout: float) -> float:
     """A message must outlive the wait for its reply: at least round-timeout, plus a margin for sending the
     round's messages before the wait starts; never less than Flower's default (12 hours)."""
@@ -173,8 +178,9 @@ class FederatedTensorParallel(Strategy):
                 if node not in ranks:
                     raise ReplyError("this node was not sent a slice in this round")
                 checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples)
-            except ReplyError as e:
-                log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node), e)
+            except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee: no reply stops the run
+                log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node),
+                    _why(e))
                 continue
             good.append((node, Contribution(ranks[node], checked.state, checked.num_examples), checked.metrics))
         for node in sorted(set(ranks) - {n for n, _ in replies}):
@@ -249,8 +255,8 @@ class FederatedTensorParallel(Strategy):
                 if node not in ranks:
                     raise ReplyError("this node was not sent a slice in this round")
                 good.append(check_eval_reply(msg, self.cfg.max_num_examples))
-            except ReplyError as e:
-                log(WARNING, "round %d: dropping evaluation reply from node %d: %s", server_round, node, e)
+            except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee
+                log(WARNING, "round %d: dropping evaluation reply from node %d: %s", server_round, node, _why(e))
         if not good:
             return None
         return reduce_metrics(good)
