@@ -84,6 +84,7 @@ class RunConfig:
     # -- outputs
     output_dir: str = _key("output-dir", "outputs", "where results, eval files and checkpoints go")
     checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0)
+    keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0)
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")
 
     def __post_init__(self):

@@ -6,6 +6,10 @@
 - checkpoints/llama32_{model}_ws{W}_lr{lr}_round{r}.pth: model_state_dict, experiment_key, round, config
   (read back with torch.load(weights_only=True));
 - eval_res_llama32_ws{W}_r{R}.png beside the eval file when matplotlib is installed.
+
+Crash safety: after each rename the folder itself is fsynced (so the rename survives a power cut), a run
+removes the temp files a crashed run left behind when it starts, and keep-checkpoints bounds how many of
+this run's checkpoints stay on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,6 +40,22 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX; elsewhere the rename is as durable as the platform makes it)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# The temp files atomic_write makes for this tool's outputs: ".<output name>.<random>.tmp".
+_TEMP_FILE = re.compile(r"^\.(experiment_results_llama32\.pkl|eval_res_llama32_.+|llama32_.+\.pth)\.[^.]+\.tmp$")
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -66,12 +87,13 @@ class RunOutputs:
     """Everything one run writes, under `output_dir`."""
 
     def __init__(self, output_dir: str | Path, experiment_key: tuple, world_size: int, rounds: int, lr: float,
-                 model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1):
+                 model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1, keep_checkpoints: int = 0):
         self.dir = Path(output_dir)
         self.key = experiment_key
         self.world_size, self.rounds, self.lr = world_size, rounds, lr
         self.model_name, self.config = model_name, dict(config)
         self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints  # 0: all
         self.history: list[tuple[int, float, float]] = []
 
     @property
@@ -84,6 +106,17 @@ class RunOutputs:
 
     def checkpoint_path(self, rnd: int) -> Path:
         return self.dir / "checkpoints" / f"llama32_{model_tag(self.model_name)}_ws{self.world_size}_lr{self.lr}_round{rnd}.pth"
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files a crashed run left behind (only names this tool's atomic writes use)."""
+        removed = []
+        for folder in (self.dir, self.dir / "checkpoints"):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _TEMP_FILE.match(p.name) and p.is_file():
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+        return removed
 
     def start_from(self, history: list[tuple[int, float, float]]) -> None:
         """Resume: keep the rounds already recorded."""
@@ -108,7 +141,20 @@ class RunOutputs:
         payload = {"model_state_dict": {k: v.contiguous() for k, v in state.items()}, "experiment_key": self.key,
                    "round": rnd, "config": self.config, "history": list(self.history)}
         atomic_write(path, lambda f: torch.save(payload, f))
+        if self.keep_checkpoints:
+            self._prune_checkpoints(rnd)
         return path
+
+    def _prune_checkpoints(self, rnd: int) -> None:
+        """Keep this run's `keep_checkpoints` latest checkpoints up to round `rnd`; delete its earlier ones."""
+        prefix = self.checkpoint_path(0).name.removesuffix("0.pth")
+        rounds = sorted(int(m.group(1)) for p in self.checkpoint_path(rnd).parent.iterdir()
+                        if p.name.startswith(prefix) and (m := re.fullmatch(r"(\d+)\.pth", p.name[len(prefix):]))
+                        and int(m.group(1)) <= rnd)
+        for old in rounds[:-self.keep_checkpoints]:
+            self.checkpoint_path(old).unlink(missing_ok=True)
+        if rounds[:-self.keep_checkpoints]:
+            fsync_dir(self.checkpoint_path(rnd).parent)
 
     def _plot(self) -> None:
         try:

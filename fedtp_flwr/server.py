@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,9 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     out_dir = resolve_output_dir(cfg.output_dir)
     config = {**cfg.to_dict(), "model-args": json.dumps(args.to_params())}
     outputs = RunOutputs(out_dir, experiment_key(cfg), cfg.world_size, cfg.num_server_rounds, cfg.learning_rate,
-                         model_name(cfg), config, cfg.checkpoint_every)
+                         model_name(cfg), config, cfg.checkpoint_every, cfg.keep_checkpoints)
+    for stale in outputs.remove_stale_temp_files():
+        log(WARNING, "removed %s, a temp file an interrupted run left behind", stale)
     outputs.start_from(history)
     log(INFO, "fedtp-flwr: %s (%.1fM parameters), world size %d, rounds %d..%d, outputs in %s", model_name(cfg),
         sum(t.numel() for t in state.values()) / 1e6, cfg.world_size, first_round, cfg.num_server_rounds, out_dir)

@@ -63,3 +63,45 @@ def test_checkpoint_round_trip_and_missing_fields(tmp_path):
         load_run_checkpoint(tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError):
         load_run_checkpoint(tmp_path / "nope.pth")
+
+
+def _outputs(tmp_path, keep=0):
+    return RunOutputs(tmp_path, (2, 1e-3, False, 4, 42), 2, 4, 1e-3, "llama3.2-tiny", {"k": 1}, 1, keep)
+
+
+def test_stale_temp_files_of_this_tool_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    ours = [tmp_path / ".experiment_results_llama32.pkl.k2j3h4.tmp",
+            tmp_path / ".eval_res_llama32_ws2_r4.txt.abc_12.tmp",
+            tmp_path / "checkpoints" / ".llama32_tiny_ws2_lr0.001_round3.pth.x8y9z.tmp"]
+    theirs = [tmp_path / ".notes.txt.abc.tmp", tmp_path / "experiment_results_llama32.pkl",
+              tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round3.pth"]
+    for p in ours + theirs:
+        p.write_bytes(b"x")
+    assert sorted(_outputs(tmp_path).remove_stale_temp_files()) == sorted(ours)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
+
+
+def test_keep_checkpoints_keeps_the_latest_rounds_of_this_run_only(tmp_path):
+    other = tmp_path / "checkpoints" / "llama32_tiny_ws4_lr0.001_round1.pth"  # another run's
+    other.parent.mkdir()
+    other.write_bytes(b"x")
+    out = _outputs(tmp_path, keep=2)
+    for rnd in range(1, 5):
+        out.save_checkpoint(rnd, {"w": torch.zeros(2)})
+    assert sorted(p.name for p in other.parent.iterdir()) == [
+        "llama32_tiny_ws2_lr0.001_round3.pth", "llama32_tiny_ws2_lr0.001_round4.pth", other.name]
+    everything = _outputs(tmp_path / "all")
+    for rnd in range(1, 4):
+        everything.save_checkpoint(rnd, {"w": torch.zeros(2)})
+    assert len(list((tmp_path / "all" / "checkpoints").iterdir())) == 3
+
+
+def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    import fedtp_flwr.outputs as outputs_module
+
+    synced = []
+    real = outputs_module.fsync_dir
+    monkeypatch.setattr(outputs_module, "fsync_dir", lambda p: (synced.append((p, (p / "f").exists())), real(p)))
+    atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
+    assert synced == [(tmp_path, True)]  # after the rename: the file is there when its folder is synced
