@@ -31,7 +31,7 @@ class ReplyError(ValueError):
     pass
 
 
-def safe_text(text: object, limit: int = 200) -> str:
+def safe_text(text: object, limit: int = 500) -> str:
     """A client's (or a file's) text as one short, printable line: control and non-ASCII characters escaped,
     cut to `limit` characters with the number of characters left out."""
     s = str(text)
