@@ -122,7 +122,10 @@ class RunOutputs:
         """Resume: keep the rounds already recorded."""
         self.history = [tuple(h) for h in history]
 
-    def record(self, rnd: int, loss: float, perplexity: float, state: Mapping[str, torch.Tensor] | None) -> None:
+    def record(self, rnd: int, loss: float, perplexity: float, state: Mapping[str, torch.Tensor] | None,
+               extras: Mapping[str, Any] | None = None) -> None:
+        """Round `rnd`'s results; with `state`, its checkpoint when one is due (holding `extras` too: what an
+        exact resume needs beyond the model, as tensors and plain data)."""
         self.history = [h for h in self.history if h[0] < rnd] + [(rnd, float(loss), float(perplexity))]
         results = read_results(self.results_path)
         results[self.key] = list(self.history)
@@ -130,16 +133,16 @@ class RunOutputs:
         text = "".join(f"Round: {r}, Loss: {l:.6f}, Perplexity: {p:.6f}\n" for r, l, p in self.history)
         atomic_write(self.eval_path, lambda f: f.write(text.encode()))
         if state is not None and rnd > 0 and self._checkpoint_due(rnd):
-            self.save_checkpoint(rnd, state)
+            self.save_checkpoint(rnd, state, extras)
         self._plot()
 
     def _checkpoint_due(self, rnd: int) -> bool:
         return rnd == self.rounds or (self.checkpoint_every > 0 and rnd % self.checkpoint_every == 0)
 
-    def save_checkpoint(self, rnd: int, state: Mapping[str, torch.Tensor]) -> Path:
+    def save_checkpoint(self, rnd: int, state: Mapping[str, torch.Tensor], extras: Mapping[str, Any] | None = None) -> Path:
         path = self.checkpoint_path(rnd)
-        payload = {"model_state_dict": {k: v.contiguous() for k, v in state.items()}, "experiment_key": self.key,
-                   "round": rnd, "config": self.config, "history": list(self.history)}
+        payload = {**(extras or {}), "model_state_dict": {k: v.contiguous() for k, v in state.items()},
+                   "experiment_key": self.key, "round": rnd, "config": self.config, "history": list(self.history)}
         atomic_write(path, lambda f: torch.save(payload, f))
         if self.keep_checkpoints:
             self._prune_checkpoints(rnd)

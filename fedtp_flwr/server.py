@@ -33,33 +33,43 @@ def model_name(cfg: RunConfig) -> str:
     return Path(cfg.checkpoint_dir).name if cfg.checkpoint_dir else cfg.model
 
 
-# Settings a resumed run must share with the checkpoint (num-server-rounds may grow: a run can be extended).
-RESUME_MUST_MATCH = ("world-size", "learning-rate", "enable-swapping", "seed", "strategy")
+# Settings a resumed run may change: every other one changes the math, so it must equal the checkpoint's
+# (a key the checkpoint predates is not compared). num-server-rounds may grow: a run can be extended.
+RESUME_MAY_DIFFER = ("num-server-rounds", "resume-from", "output-dir", "round-timeout", "checkpoint-every",
+                     "keep-checkpoints", "device", "client-eval", "min-available-nodes")
 
 
-def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], int, list]:
-    """(args, state, first round, history): from resume-from, checkpoint-dir, or the preset with seeded init."""
+def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], int, list, dict]:
+    """(args, state, first round, history, resume extras): from resume-from, checkpoint-dir, or the preset
+    with seeded init. The extras are what a checkpoint holds beyond the model (the `random` module's state,
+    the inner strategy's state); empty when not resuming."""
     if cfg.resume_from:
         ckpt = load_run_checkpoint(cfg.resume_from)
         stored = ckpt["config"]
         args = ModelArgs.from_params(json.loads(stored["model-args"]))
         now = cfg.to_dict()
-        for key in RESUME_MUST_MATCH:
-            if stored.get(key) != now[key]:
+        for key in sorted(set(now) - set(RESUME_MAY_DIFFER)):
+            if key in stored and stored[key] != now[key]:
                 raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint was written with {key}="
-                                  f"{stored.get(key)!r}, this run has {now[key]!r}")
+                                  f"{stored[key]!r}, this run has {now[key]!r}")
         state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
-        return args, state, int(ckpt["round"]) + 1, [tuple(h) for h in ckpt.get("history", [])]
+        extras = {k: ckpt[k] for k in ("random_state", "strategy_state") if k in ckpt}
+        return args, state, int(ckpt["round"]) + 1, [tuple(h) for h in ckpt.get("history", [])], extras
     if cfg.checkpoint_dir:
         args, state = load_checkpoint(cfg.checkpoint_dir)
-        return args, {k: v.float() for k, v in state.items()}, 1, []
+        return args, {k: v.float() for k, v in state.items()}, 1, [], {}
     try:
         args = preset_args(cfg.model)
     except ValueError as e:
         raise ConfigError(f"config key 'model': {e}") from None
     check_config_world_size(args, cfg)  # before spending minutes initialising a large model
     model = build_model(args, seed=cfg.seed)
-    return args, {k: v.detach() for k, v in model.state_dict().items()}, 1, []
+    return args, {k: v.detach() for k, v in model.state_dict().items()}, 1, [], {}
+
+
+def _as_tuples(x):
+    """random.getstate() comes back from a checkpoint as written (tuples); lists are accepted too."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def check_config_world_size(args: ModelArgs, cfg: RunConfig) -> None:
@@ -76,7 +86,9 @@ def resolve_output_dir(path: str) -> Path:
 def run(grid: Grid, run_config: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(run_config)
     random.seed(cfg.seed)  # Flower samples nodes with the `random` module (fraction-train < 1)
-    args, state, first_round, history = initial_state(cfg)
+    args, state, first_round, history, extras = initial_state(cfg)
+    if "random_state" in extras:  # where the uninterrupted run's sampling would be now
+        random.setstate(_as_tuples(extras["random_state"]))
     check_config_world_size(args, cfg)
     device = resolve_device(cfg.device)
 
@@ -111,9 +123,12 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord) -> None:
         """The global model each round ends with (the previous one when the merged model was refused)."""
         state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round else None
-        outputs.record(rnd, metrics["loss"], metrics["perplexity"], state)
+        outputs.record(rnd, metrics["loss"], metrics["perplexity"], state,
+                       {"random_state": random.getstate(), "strategy_state": strategy.inner_state()})
 
     strategy = FederatedTensorParallel(args, cfg)
+    if "strategy_state" in extras:
+        strategy.load_inner_state(extras["strategy_state"])
     strategy.start(grid, encode(state), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
     log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,

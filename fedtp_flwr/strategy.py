@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.constants import DEFAULT_TTL
 from flwr.serverapp import Grid
@@ -229,6 +230,33 @@ class FederatedTensorParallel(Strategy):
                             dst_node_id=0, message_type=MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [one_reply])
         return _as_float32(arrays), metrics
+
+    # The inner rules' state between rounds (FedOpt's moments, FedAvgM's momentum): what a checkpoint must hold
+    # for a resumed run to equal an uninterrupted one. FedOpt's/FedAvgM's current arrays are the global model.
+    INNER_STATE = ("m_t", "v_t", "momentum_vector")
+
+    def inner_state(self) -> dict:
+        """The inner rule's state as tensors (sharing memory with Flower's arrays where it can)."""
+        def tensor(a):
+            a = np.ascontiguousarray(a)
+            return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+        out = {}
+        for name in self.INNER_STATE:
+            value = getattr(self.inner, name, None)
+            if isinstance(value, dict) and value:
+                out[name] = {k: tensor(a) for k, a in value.items()}
+            elif isinstance(value, list) and value:
+                out[name] = [tensor(a) for a in value]
+        return out
+
+    def load_inner_state(self, state: dict) -> None:
+        for name, value in state.items():
+            if name not in self.INNER_STATE or not hasattr(self.inner, name):
+                raise ValueError(f"the checkpoint holds {name!r}, which Flower's {type(self.inner).__name__} does not have")
+            arrays = value.items() if isinstance(value, dict) else enumerate(value)
+            restored = {k: t.clone().numpy() for k, t in arrays}
+            setattr(self.inner, name, restored if isinstance(value, dict) else list(restored.values()))
 
     def discard_round(self) -> None:
         """Forget the last aggregate_train: the inner rule's state goes back to what it was before it."""

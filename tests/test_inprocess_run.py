@@ -68,6 +68,31 @@ def test_resume_continues_at_the_next_round_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_resumed_server_optimizer_run_with_sampling_equals_an_uninterrupted_one(tmp_path, strategy):
+    """FedAdam's moments / FedAvgM's momentum and the `random` state Flower samples nodes with are in the
+    checkpoint: resuming after round 1 gives round 2 bit for bit (half the nodes sampled each round)."""
+    opts = {"num-server-rounds": 2, "strategy": strategy, "server-momentum": 0.9, "server-learning-rate": 0.1,
+            "fraction-train": 0.5}
+    a, b = tmp_path / "a", tmp_path / "b"
+    go(a, n_nodes=4, **opts)
+    go(b, n_nodes=4, **opts, **{"resume-from": str(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")})
+    ca = load_run_checkpoint(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    cb = load_run_checkpoint(b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    assert ca["strategy_state"] and "random_state" in ca
+    assert all(torch.equal(ca["model_state_dict"][k], cb["model_state_dict"][k]) for k in ca["model_state_dict"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_change_that_changes_the_math_and_allows_others(tmp_path):
+    go(tmp_path / "a", **{"num-server-rounds": 1})
+    ckpt = str(tmp_path / "a" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")
+    with pytest.raises(ConfigError, match="rank-merge"):
+        go(tmp_path / "b", **{"num-server-rounds": 2, "rank-merge": "median", "resume-from": ckpt})
+    go(tmp_path / "c", **{"num-server-rounds": 2, "round-timeout": 60.0, "resume-from": ckpt})
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_world_size(tmp_path):
     go(tmp_path / "a", **{"num-server-rounds": 1})
     ckpt = tmp_path / "a" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth"
