@@ -20,8 +20,9 @@ the meta device, and counts, in bytes:
   gradient checkpointing each block keeps only its input and one block is recomputed at a time;
 - transients of the loss: one chunk's float32 logits, their float32 gradient and its compute-dtype copy
   (all tokens at once when `loss-chunk-tokens` is 0), the output weight's gradient accumulator (in its dtype), and
-  the output weight's compute-dtype copy (bf16 autocast on float32 weights) or one 32 MiB block of
-  dequantized frozen rows (vocabulary-parallel).
+  the output weight's compute-dtype copy (bf16 autocast on float32 weights);
+- a context layer's rebuild of its full weight, one block of rows at a time (context.ROW_BLOCK_VALUES values,
+  ~9 B each to dequantize plus the block in the compute dtype), during its block's forward and backward.
 
 Backward walks the blocks in reverse; while it works on block b, the activations of blocks <= b are alive,
 and the gradients of blocks >= b (all of them, or only b's with the step in backward) exist, as do b's
@@ -39,7 +40,8 @@ from torch import nn
 
 import _common
 from fedtp_flwr import chunked_loss, context
-from fedtp_flwr.context import build_context_model, rest_shapes
+from fedtp_flwr.context import (DEQUANT_BYTES_PER_VALUE, ROW_BLOCK_VALUES, FrozenContextLinear, build_context_model,
+                                rest_shapes)
 from fedtp_flwr.model import ModelArgs, Transformer, build_model
 from fedtp_flwr.quant import QTensor, layout, quantize
 from fedtp_flwr.sharding import shard_args, slice_shapes
@@ -146,15 +148,23 @@ def client_peak(args: ModelArgs, world_size: int, opts: dict, batch: int, seq: i
     loss_transient = rows * vocab * (4 + 4 + (2 if compute == torch.bfloat16 else 4))
     if chunk:
         loss_transient += out_w.numel() * out_w.element_size()  # the output weight's gradient accumulator
-        if hasattr(model.output, "slice_grad"):  # vocabulary-parallel: one block of dequantized frozen rows
-            loss_transient += min(32 * 2**20, (vocab - out_w.shape[0]) * args.dim * compute.itemsize)
+        if hasattr(model.output, "slice_grad"):  # vocabulary-parallel: its slice in the compute dtype
             loss_transient += out_w.numel() * compute.itemsize if compute != dtype else 0
         elif compute != dtype:
             loss_transient += out_w.numel() * compute.itemsize  # the bf16 copy of the whole output weight
     else:
         loss_transient = 2 * batch * seq * vocab * 4  # float32 logit gradient and log-softmax (as before)
+    # Rebuilding a context layer's full weight a block of rows at a time: the dequantization's temporaries
+    # and the block in the compute dtype (context.ROW_BLOCK_VALUES, DEQUANT_BYTES_PER_VALUE).
+    rebuild = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FrozenContextLinear):
+            rows = min(m.out_features, max(1, ROW_BLOCK_VALUES // m.in_features))
+            cost = rows * m.in_features * (DEQUANT_BYTES_PER_VALUE + compute.itemsize)
+            block = "output" if name == "output" else _block_of(name + ".weight")
+            rebuild[block] = max(rebuild.get(block, 0), cost)
     for b in profile:
-        b["transient"] = loss_transient if b["block"] == "output" else 0
+        b["transient"] = (loss_transient if b["block"] == "output" else 0) + rebuild.get(b["block"], 0)
     if opts["gradient-checkpointing"]:
         block_input = batch * seq * args.dim * dtype.itemsize  # the residual stream a block keeps
         for b in profile:

@@ -145,9 +145,11 @@ class _ContextLinearFn(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-# Rows of the frozen rest dequantized at once by an output-split (dim 0) layer: bounds the transient to
-# ~32 MiB however large the layer (the 3B's 128k-row output at W=8 holds 112k frozen rows, 0.7 GB in bf16).
-_ROW_BLOCK_BYTES = 32 * 2**20
+# Values of a full weight rebuilt at once (a block of its rows): dequantizing takes ~9 B per value
+# (the codes, a float32 copy, the scaled float32), so this bounds a context layer's transient to ~20 MB
+# however large the layer (the 3B's 128k-row output at W=8 holds 345M frozen values).
+ROW_BLOCK_VALUES = 2**21
+DEQUANT_BYTES_PER_VALUE = 9
 
 
 class _FrozenRest:
@@ -209,28 +211,31 @@ class FrozenContextLinear(_FrozenRest, nn.Linear):
         return torch.cat((before, weight.to(dtype), after), dim=dim)
 
     def _row_blocks(self, weight: torch.Tensor, dtype: torch.dtype):
-        """(first output row, [rows, in] weight in `dtype`) covering the full weight in row order, for an
-        output-split layer: the rest dequantized a block at a time, the slice in its place."""
-        lo, size = self.rank * weight.shape[0], weight.shape[0]
-        step = max(1, _ROW_BLOCK_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
-        rest = self.rest
+        """(first output row, [rows, in] block of the full weight in `dtype`), covering it in row order, at
+        most ROW_BLOCK_VALUES values each: the rest dequantized a block of rows at a time, the slice in its
+        place (its own rows for an output split; its columns of every row for an input split)."""
+        step = max(1, ROW_BLOCK_VALUES // self.in_features)
+        size = weight.shape[self.split.dim]
+        lo, rest = self.rank * size, self.rest
+        if self.split.dim == 1:
+            for r in range(0, self.out_features, step):
+                rows = slice(r, min(r + step, self.out_features))
+                frozen = dequantize(rest.rows(rows), dtype)  # [rows, in - size]
+                yield r, torch.cat((frozen[:, :lo], weight[rows].to(dtype), frozen[:, lo:]), dim=1)
+            return
         for start, stop, offset in ((0, lo, 0), (lo, self.rest_shape[0], size)):
             for r in range(start, stop, step):
-                rows = slice(r, min(r + step, stop))
-                yield r + offset, dequantize(rest.rows(rows), dtype)
+                yield r + offset, dequantize(rest.rows(slice(r, min(r + step, stop))), dtype)
             if offset == 0:
-                yield lo, weight.to(dtype)
+                for r in range(0, size, step):
+                    yield lo + r, weight[r:r + step].to(dtype)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x [..., in] @ full^T -> [..., out], in `dtype`, without the full weight when split by rows."""
-        if self.split.dim == 1:
-            return F.linear(x, self.full_weight(weight, dtype))
+        """x [..., in] @ full^T -> [..., out] in `dtype`, a block of the full weight at a time."""
         return torch.cat([F.linear(x, w) for _, w in self._row_blocks(weight, dtype)], dim=-1)
 
     def matmul_t(self, g: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """g [..., out] @ full -> [..., in]: the input gradient of `matmul`."""
-        if self.split.dim == 1:
-            return g @ self.full_weight(weight, dtype)
         out = None
         for r, w in self._row_blocks(weight, dtype):
             part = g.narrow(-1, r, w.shape[0]) @ w
