@@ -263,3 +263,62 @@ def test_superlink_error_reply_for_a_lost_node_names_that_node(caplog: pytest.Lo
     assert f"dropping reply from node 202 (rank {rank}): error reply (code 5): Error: Node Unavailable" in caplog.text
     assert f"no reply from node 101 (rank {strategy.ranks[1][101]}) within round-timeout 5 s" in caplog.text
     assert "no reply from node 202" not in caplog.text
+
+
+ATTACKER_CLIENT_APP = '''"""A ClientApp that trains honestly, then adds Gaussian noise (std 1) to every array it sends back when its
+data-path names an attacker: what a malicious or broken client machine could send (test only)."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtp_flwr.client import evaluate_reply, train_reply
+from fedtp_flwr.config import RunConfig
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    reply = train_reply(msg, RunConfig.from_run_config(context.run_config), context.node_config)
+    if "attacker" in str(context.node_config.get("data-path", "")):
+        rng = np.random.default_rng(0)
+        arrays = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array((a.numpy() + rng.normal(0.0, 1.0, a.shape)).astype(a.numpy().dtype)) for k, a in arrays.items()})
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return evaluate_reply(msg, RunConfig.from_run_config(context.run_config), context.node_config)
+'''
+
+
+@pytest.mark.slow
+def test_a_noisy_update_from_a_real_supernode_is_dropped(tmp_path: Path) -> None:
+    """Three SuperNodes of an app whose ClientApp on one machine adds noise (std 1) to its trained slice: the
+    server names that node, drops its update as an outlier, and the run completes."""
+    import shutil
+
+    app = tmp_path / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(
+        ".git", "tests", "bench", "docs", "outputs", "checkpoints", "*.egg-info", "__pycache__", "build"))
+    for folder in ("tests", "bench", "docs"):  # Flower refuses a fab-exclude pattern that matches nothing
+        (app / folder).mkdir()
+        (app / folder / "README.md").write_text("not part of the app\n", encoding="utf-8")
+    (app / "client_app.py").write_text(ATTACKER_CLIENT_APP, encoding="utf-8")
+    (a_data, _), (b_data, _) = write_node_data(tmp_path / "data")
+    attacker_data = tmp_path / "data" / "attacker.jsonl"
+    attacker_data.write_text(a_data.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "outputs"
+    with fh.Deployment(workdir=tmp_path / "dep") as dep:
+        nodes = start_nodes(dep, [{"data-path": str(p)} for p in (a_data, b_data, attacker_data)])
+        res = dep.run(app, deployment_config(out, **{"min-available-nodes": 3}), timeout_s=240)
+    assert dep.survivors == {}
+    res.assert_ok()
+    attacker = node_id(nodes[2])
+    assert re.search(rf"round 1: dropping reply from node {attacker} \(rank \d\): .*outlier-norm-factor",
+                     res.log_text), res.log_text[-4000:]
+    assert not re.search(rf"dropping reply from node ({node_id(nodes[0])}|{node_id(nodes[1])})", res.log_text)
+    assert (out / "experiment_results_llama32.pkl").exists()
