@@ -263,3 +263,28 @@ def with_metrics(reply, msg, **metrics):
     from flwr.app import MetricRecord
 
     return with_content(reply, msg, metrics=MetricRecord({**dict(reply.content["metrics"].items()), **metrics}))
+
+
+# ---------------------------------------------------------------------- strategy unit tests (no grid)
+# (test_strategy.py, test_untrusted_clients.py)
+
+
+@pytest.fixture
+def server_identity():
+    """Messages need a run id, as in a ServerApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+class FakeGrid:
+    """The one Grid call a strategy's configure_* makes: the connected node ids."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)

@@ -5,32 +5,20 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.sharding import shard, slice_shapes
 from fedtp_flwr.strategy import FederatedTensorParallel, assign_ranks
 from fedtp_flwr.wire import decode, encode
+from conftest import FakeGrid
+
+pytestmark = pytest.mark.usefixtures("server_identity")  # messages need a run id
 
 ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
 
 
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Messages need a run id, as in a ServerApp process."""
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
 
 
 def global_model(seed=0):

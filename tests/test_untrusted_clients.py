@@ -14,7 +14,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedMedian, FedTrimmedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 try:
     from conftest import ATTACKER, failing, run_in_process, tampering, with_arrays, with_content, with_metrics
@@ -31,6 +30,7 @@ from fedtp_flwr.replies import safe_text
 from fedtp_flwr.robust import outliers, robust_aggregate_slices
 from fedtp_flwr.strategy import FederatedTensorParallel, message_ttl
 from fedtp_flwr.wire import decode, encode
+from conftest import FakeGrid
 
 ROUNDS = 2
 
@@ -197,20 +197,7 @@ def test_median_merge_neutralises_noise_without_the_outlier_check(tmp_path, capl
 ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
 
 
-@pytest.fixture
-def server_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
 
 
 def strategy_and_messages(nodes, message_type="train", inner=None, **cfg):
