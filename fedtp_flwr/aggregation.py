@@ -66,10 +66,30 @@ def aggregate_slices(
         raise ValueError("no contributions to aggregate")
     weights = [c.weight for c in contributions]
     total = sum(weights)
+
+    def replicated(k: str) -> torch.Tensor:
+        return weighted_mean([c.state[k] for c in contributions], weights)
+
+    def split(k: str, dst: torch.Tensor, old: torch.Tensor, group: Sequence[Contribution]) -> None:
+        if weighting == "per-rank":
+            weighted_mean([c.state[k] for c in group], [c.weight for c in group], out=dst)
+        else:
+            dst.copy_(old)
+            for c in group:
+                dst.add_((c.state[k].float() - old) * (c.weight / total))
+
+    return merge_by_plan(global_state, contributions, args, world_size, vocab_parallel, replicated, split)
+
+
+def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution], args: ModelArgs,
+                  world_size: int, vocab_parallel: bool, replicated, split) -> dict[str, torch.Tensor]:
+    """The walk every merge rule shares: `replicated(name)` gives a replicated parameter's new value; each split
+    parameter is allocated once and `split(name, dst, old, group)` writes each trained rank's block into `dst`
+    (a view from `shard`) from the rank's replies; a rank nobody trained keeps `old`."""
     out = {}
     for k, old in global_state.items():  # the global model's key order (Flower's FedAvgM pairs arrays by position)
         if rule_for(k, vocab_parallel) is REPLICATE:
-            out[k] = weighted_mean([c.state[k] for c in contributions], weights).to(old.dtype)
+            out[k] = replicated(k).to(old.dtype)
         else:
             out[k] = torch.empty(old.shape, dtype=old.dtype)
     for rank in range(world_size):
@@ -79,12 +99,8 @@ def aggregate_slices(
         for k, old in src.items():
             if rule_for(k, vocab_parallel) is REPLICATE:
                 continue
-            if not group:
-                dst[k].copy_(old)
-            elif weighting == "per-rank":
-                weighted_mean([c.state[k] for c in group], [c.weight for c in group], out=dst[k])
+            if group:
+                split(k, dst[k], old, group)
             else:
                 dst[k].copy_(old)
-                for c in group:
-                    dst[k].add_((c.state[k].float() - old) * (c.weight / total))
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from .aggregation import Contribution
+from .aggregation import Contribution, merge_by_plan
 from .model import ModelArgs
 from .sharding import REPLICATE, rule_for, shard
 
@@ -79,25 +79,15 @@ def robust_aggregate_slices(global_state: Mapping[str, torch.Tensor], contributi
     """aggregation.aggregate_slices with `rule` in place of the weighted mean (see the module docstring)."""
     if not contributions:
         raise ValueError("no contributions to aggregate")
-    out = {}
-    for k, old in global_state.items():  # the global model's key order
-        if rule_for(k, vocab_parallel) is REPLICATE:
-            out[k] = robust_mean([c.state[k] for c in contributions], rule, beta).to(old.dtype)
+
+    def replicated(k: str) -> torch.Tensor:
+        return robust_mean([c.state[k] for c in contributions], rule, beta)
+
+    def split(k: str, dst: torch.Tensor, old: torch.Tensor, group: Sequence[Contribution]) -> None:
+        value = robust_mean([c.state[k] for c in group], rule, beta)
+        if weighting == "per-rank":
+            dst.copy_(value)
         else:
-            out[k] = torch.empty(old.shape, dtype=old.dtype)
-    for rank in range(world_size):
-        group = [c for c in contributions if c.rank == rank]
-        dst = shard(out, args, rank, world_size, vocab_parallel)  # views into `out`
-        src = shard(global_state, args, rank, world_size, vocab_parallel)
-        for k, old in src.items():
-            if rule_for(k, vocab_parallel) is REPLICATE:
-                continue
-            if not group:
-                dst[k].copy_(old)
-                continue
-            value = robust_mean([c.state[k] for c in group], rule, beta)
-            if weighting == "per-rank":
-                dst[k].copy_(value)
-            else:
-                dst[k].copy_(old + (value - old.float()) * (len(group) / len(contributions)))
-    return out
+            dst.copy_(old + (value - old.float()) * (len(group) / len(contributions)))
+
+    return merge_by_plan(global_state, contributions, args, world_size, vocab_parallel, replicated, split)
