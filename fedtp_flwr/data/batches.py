@@ -11,6 +11,14 @@ positions. Two ways to make rows:
 - packed: all examples are joined into one stream and cut into windows of `max_seq_len + 1` ids that
   overlap by one, so every token after the first is a target exactly once and there is no padding;
   the final partial window is dropped. Best for short examples such as the built-in corpus's speeches.
+
+Instruction and chat examples (`chat.Chat`) carry a loss mask: only response tokens are targets, every
+other target is IGNORE_INDEX (`TokenDataset.masks`). A dataset that holds any of them packs differently:
+whole examples, in order, are placed into rows of at most `max_seq_len + 1` ids (an example starts a new
+row when it does not fit; a longer one is truncated to a row of its own), so a response is always in the
+same row as its own prompt, and the first token of the next example, a prompt token, is never a target
+(no example's prompt is predicted from another's answer). Rows are padded like unpacked ones. Examples
+whose response was cut off entirely are dropped (`n_dropped`): they would have no target.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .chat import Chat, encode_chat
 from .errors import DataError
 from .files import Example
 from .loss import IGNORE_INDEX
@@ -37,26 +46,35 @@ class TokenDataset:
     packed: bool
     n_examples: int
     n_truncated: int
+    # Per row, per token: does the loss count it as a target? None: every token after a row's first.
+    masks: Optional[list[list[bool]]] = None
+    n_dropped: int = 0  # masked examples left without a target by truncation, not in any row
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def n_target_tokens(self) -> int:
-        return sum(len(row) - 1 for row in self.rows)
+        if self.masks is None:
+            return sum(len(row) - 1 for row in self.rows)
+        return sum(sum(mask[1:]) for mask in self.masks)
 
 
 def build_dataset(
-    examples: Iterable[Example | str], tokenizer: Tokenizer, max_seq_len: int, *, pack: bool = False
+    examples: Iterable[Example | Chat | str], tokenizer: Tokenizer, max_seq_len: int, *, pack: bool = False
 ) -> TokenDataset:
-    """Tokenize `examples` (with BOS and EOS each) into rows; see the module docstring."""
+    """Tokenize `examples` (text with BOS and EOS each; chats in the Llama 3 chat format) into rows; see
+    the module docstring."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    examples = list(examples)
+    if not examples:
+        raise DataError("no examples to tokenize")
+    if any(isinstance(e, Chat) for e in examples):
+        return _build_masked(examples, tokenizer, max_seq_len, pack)
     encoded = [
         tokenizer.encode(e if isinstance(e, str) else e.text, bos=True, eos=True) for e in examples
     ]
-    if not encoded:
-        raise DataError("no examples to tokenize")
     width = max_seq_len + 1
     if pack:
         stream = [token for ids in encoded for token in ids]
@@ -73,17 +91,53 @@ def build_dataset(
     return TokenDataset(rows, max_seq_len, tokenizer.pad_id, pack, len(encoded), n_truncated)
 
 
-def collate(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
+def _build_masked(examples: list, tokenizer: Tokenizer, max_seq_len: int, pack: bool) -> TokenDataset:
+    """Rows and loss masks of a dataset with chats (text examples: every token but BOS is a target)."""
+    width = max_seq_len + 1
+    rows: list[list[int]] = []
+    masks: list[list[bool]] = []
+    n_truncated = n_dropped = 0
+    for e in examples:
+        if isinstance(e, Chat):
+            ids, mask = encode_chat(e, tokenizer)
+        else:
+            ids = tokenizer.encode(e if isinstance(e, str) else e.text, bos=True, eos=True)
+            mask = [False] + [True] * (len(ids) - 1)
+        if len(ids) > width:
+            n_truncated += 1
+            ids, mask = ids[:width], mask[:width]
+        if not any(mask[1:]):
+            n_dropped += 1
+            continue
+        if pack and rows and len(rows[-1]) + len(ids) <= width:
+            rows[-1] += ids
+            masks[-1] += mask
+        else:
+            rows.append(list(ids))
+            masks.append(list(mask))
+    if not rows:
+        raise DataError(f"none of the {len(examples)} examples has a response token within max_seq_len="
+                        f"{max_seq_len} (every response was cut off)")
+    return TokenDataset(rows, max_seq_len, tokenizer.pad_id, pack, len(examples) - n_dropped, n_truncated,
+                        masks, n_dropped)
+
+
+def collate(rows: Sequence[Sequence[int]], pad_id: int, masks: Optional[Sequence[Sequence[bool]]] = None) -> Batch:
     """Right-pad `rows` to the longest and shift: inputs = ids[:, :-1], targets = ids[:, 1:] with
-    IGNORE_INDEX wherever the target is padding."""
+    IGNORE_INDEX wherever the target is padding (or, with `masks`, a token whose mask is False)."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    counts = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    lengths = torch.tensor([len(row) for row in rows])
-    is_pad_target = torch.arange(1, width) >= lengths[:, None]  # [B, T]: target j is ids[:, j + 1]
-    targets = ids[:, 1:].masked_fill(is_pad_target, IGNORE_INDEX)
+        counts[i, : len(row)] = True if masks is None else torch.tensor(masks[i], dtype=torch.bool)
+    targets = ids[:, 1:].masked_fill(~counts[:, 1:], IGNORE_INDEX)  # target j is ids[:, j + 1]
     return ids[:, :-1].contiguous(), targets
+
+
+def _rows_batch(dataset: TokenDataset, index: Sequence[int]) -> Batch:
+    masks = None if dataset.masks is None else [dataset.masks[i] for i in index]
+    return collate([dataset.rows[i] for i in index], dataset.pad_id, masks)
 
 
 def iterate_batches(
@@ -99,7 +153,7 @@ def iterate_batches(
     while epochs is None or epoch < epochs:
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
-            yield collate([dataset.rows[i] for i in order[start : start + batch_size]], dataset.pad_id)
+            yield _rows_batch(dataset, order[start : start + batch_size])
         epoch += 1
 
 
@@ -110,4 +164,4 @@ def eval_batches(dataset: TokenDataset, batch_size: int, max_batches: Optional[i
     starts = range(0, len(dataset), batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
-    return [collate(dataset.rows[s : s + batch_size], dataset.pad_id) for s in starts]
+    return [_rows_batch(dataset, range(s, min(s + batch_size, len(dataset)))) for s in starts]

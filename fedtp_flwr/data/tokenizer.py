@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.resources
+import json
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import tiktoken
 
@@ -223,12 +224,16 @@ BYTES = "bytes"  # the tokenizer-path value that selects ByteTokenizer
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (the maintained `tokenizers` library) behind the same interface.
 
-    bos / eos / pad are the special tokens of those roles found in the file, by the Llama 3 names first
-    (`<|begin_of_text|>`, `<|end_of_text|>`, `<|finetune_right_pad_id|>`), then the common `<s>`, `</s>`,
-    `<pad>`; pad falls back to eos. As with the other tokenizers, special tokens are never produced from
-    text: "<|eot_id|>" inside a string is encoded as the characters it is made of."""
+    bos / eos / pad come from the folder the file is in, as transformers reads them: the tokens named in
+    `tokenizer_config.json` (or `special_tokens_map.json`), else the ids in `config.json` /
+    `generation_config.json`, else the special tokens of those roles by name (the Llama 3 names first,
+    then `<s>`, `</s>`, `<pad>`, `<|endoftext|>`); pad falls back to eos. `stop_tokens` are eos, every
+    eos id the configs list (Llama 3.x Instruct: 128001, 128008, 128009) and `<|eot_id|>` if present.
+    As with the other tokenizers, special tokens are never produced from text: "<|eot_id|>" inside a
+    string is encoded as the characters it is made of; `special_tokens` (name -> id) gives the real ids."""
 
-    _ROLES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>"), "eos": ("<|end_of_text|>", "</s>", "<eos>"),
+    _ROLES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
+              "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
               "pad": ("<|finetune_right_pad_id|>", "<pad>")}
 
     def __init__(self, path: str | Path):
@@ -239,15 +244,31 @@ class HFTokenizer:
         except Exception as e:  # the library raises a plain Exception for unreadable or malformed files
             raise DataError(f"{path}: not a readable tokenizer.json ({type(e).__name__})") from None
         self._tok.encode_special_tokens = True
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.n_words: int = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = {role: next((vocab[n] for n in names if n in vocab), None) for role, names in self._ROLES.items()}
-        if ids["bos"] is None or ids["eos"] is None:
-            raise DataError(f"{path}: no begin/end-of-text special token (looked for {self._ROLES['bos']} and "
-                            f"{self._ROLES['eos']})")
-        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
-        self.pad_id: int = ids["pad"] if ids["pad"] is not None else self.eos_id
         self.path = str(path)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.n_words: int = max(vocab.values()) + 1  # ids are 0 .. n_words - 1 (a vocabulary may have holes)
+        self.special_tokens: dict[str, int] = {
+            t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        named, ids = _folder_special_tokens(Path(path).parent)
+        roles: dict[str, Optional[int]] = {}
+        for role, fallback in self._ROLES.items():
+            name = named.get(role)
+            if name is not None and name not in vocab:
+                raise DataError(f"{Path(path).parent}: the {role} token {name!r} of its configs is not in {path}")
+            by_id = ids.get(role, [None])[0]
+            roles[role] = vocab[name] if name is not None else by_id if by_id is not None else next(
+                (vocab[n] for n in fallback if n in vocab), None)
+        if roles["bos"] is None or roles["eos"] is None:
+            raise DataError(f"{path}: no begin/end-of-text special token (none named in tokenizer_config.json or "
+                            f"config.json beside it, and none of {self._ROLES['bos'] + self._ROLES['eos']})")
+        for role, i in roles.items():
+            if i is not None and not 0 <= i < self.n_words:
+                raise DataError(f"{Path(path).parent}: {role} id {i} is outside the tokenizer's 0..{self.n_words - 1}")
+        self.bos_id, self.eos_id = roles["bos"], roles["eos"]
+        self.pad_id: int = roles["pad"] if roles["pad"] is not None else self.eos_id
+        eot = self.special_tokens.get("<|eot_id|>")
+        self.stop_tokens = list(dict.fromkeys(
+            [self.eos_id, *(i for i in ids.get("eos", []) if 0 <= i < self.n_words), *([eot] if eot is not None else [])]))
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
@@ -262,11 +283,63 @@ class HFTokenizer:
         return f"HFTokenizer({self.path!r}, n_words={self.n_words})"
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer | ByteTokenizer | HFTokenizer:
-    """"bytes" -> ByteTokenizer(); a `.json` path -> HFTokenizer(path) (a Hugging Face tokenizer.json); a
-    tokenizer.model path -> Tokenizer(path); None or "" -> the default Llama 3 tokenizer."""
+def _token_name(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string, or {"content": ...} (AddedToken)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _folder_special_tokens(folder: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """({role: token name}, {role: [ids]}) for bos / eos / pad, from a Hugging Face folder's configs."""
+    names: dict[str, str] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+        config = _read_config(folder / file)
+        for role in ("bos", "eos", "pad"):
+            name = _token_name(config.get(f"{role}_token"))
+            if name is not None:
+                names[role] = name
+    ids: dict[str, list[int]] = {}
+    for file in ("generation_config.json", "config.json"):  # config.json wins
+        config = _read_config(folder / file)
+        for role in ("bos", "eos", "pad"):
+            value = config.get(f"{role}_token_id")
+            listed = value if isinstance(value, list) else [value]
+            listed = [v for v in listed if isinstance(v, int) and not isinstance(v, bool)]
+            if listed:
+                ids[role] = listed
+    return names, ids
+
+
+TOKENIZER_FILES = ("tokenizer.json", "original/tokenizer.model", "tokenizer.model")  # in order of preference
+
+
+def folder_tokenizer_path(folder: str | Path) -> Optional[Path]:
+    """The tokenizer a checkpoint folder ships (first of TOKENIZER_FILES it holds), or None."""
+    return next((Path(folder) / f for f in TOKENIZER_FILES if (Path(folder) / f).is_file()), None)
+
+
+def load_tokenizer(path: str | Path | None = None,
+                   checkpoint_dir: str | Path | None = None) -> Tokenizer | ByteTokenizer | HFTokenizer:
+    """The run's tokenizer, from the `tokenizer-path` and `checkpoint-dir` config values:
+    "bytes" -> ByteTokenizer(); a `.json` path -> HFTokenizer(path) (a Hugging Face tokenizer.json, its
+    special tokens from the configs beside it); another path -> Tokenizer(path) (a tiktoken
+    tokenizer.model). Empty: the checkpoint folder's own tokenizer (`folder_tokenizer_path`) when
+    `checkpoint_dir` is given and has one, else the default Llama 3 tokenizer that llama-models ships."""
     if isinstance(path, str) and path == BYTES:
         return ByteTokenizer()
+    if not path and checkpoint_dir:
+        path = folder_tokenizer_path(checkpoint_dir)
     if path and str(path).endswith(".json"):
         return HFTokenizer(path)
     return Tokenizer(path or None)

@@ -1,0 +1,112 @@
+"""Instruction and chat records, rendered in the Llama 3 chat format with a loss mask on the responses.
+
+Two JSONL record shapes (one JSON object a line):
+
+- alpaca: `{"instruction": str, "input": str (optional), "output": str}` -> one user turn (the instruction,
+  then a blank line and the input when there is one) and one assistant turn (the output);
+- chat: `{"messages": [{"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}, ...]}`
+  with at least one assistant message.
+
+Either may carry a string "source" for non-IID partitioning, as text records do. A record becomes
+
+    <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ... (each message)
+
+with the header and end-of-turn tokens as their special ids (never as text; text that spells them stays
+text) and each content stripped, as Meta's Llama 3 template does. The loss counts every assistant
+message's content and its <|eot_id|> (so the model learns to stop); the begin-of-text token, the system,
+user and tool messages and every header are prompt (mask False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import DataError
+
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class Chat:
+    """One conversation: (role, content) pairs in order, and its source tag."""
+
+    messages: tuple[tuple[str, str], ...]
+    source: str
+
+
+def _string(record: dict, key: str, where: str, *, required: bool = True) -> str:
+    value = record.get(key, None if required else "")
+    if key not in record and required:
+        raise DataError(f'{where}: missing "{key}" key (the object has {len(record)} other key(s))')
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
+    return value
+
+
+def parse_alpaca(record: dict, where: str, source: str) -> Chat:
+    """An Alpaca record (instruction, optional input, output) as a user + assistant conversation."""
+    instruction, output = _string(record, "instruction", where), _string(record, "output", where)
+    extra = _string(record, "input", where, required=False)
+    if not instruction.strip():
+        raise DataError(f'{where}: "instruction" is empty')
+    if not output.strip():
+        raise DataError(f'{where}: "output" is empty (there would be nothing to learn)')
+    prompt = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
+    return Chat((("user", prompt), ("assistant", output.strip())), source)
+
+
+def parse_chat(record: dict, where: str, source: str) -> Chat:
+    """A chat record: "messages", a list of {"role", "content"} objects with at least one assistant turn."""
+    if "messages" not in record:
+        raise DataError(f'{where}: missing "messages" key (the object has {len(record)} other key(s))')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else type(messages).__name__
+        raise DataError(f'{where}: "messages" must be a non-empty list, got {got}')
+    out = []
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            raise DataError(f'{where}: message {i} must be an object with "role" and "content", got {type(m).__name__}')
+        role, content = _string(m, "role", f"{where}: message {i}"), _string(m, "content", f"{where}: message {i}")
+        if role not in ROLES:
+            raise DataError(f"{where}: message {i} has an unknown role (allowed: {', '.join(ROLES)})")
+        out.append((role, content.strip()))
+    if not any(role == "assistant" and content for role, content in out):
+        raise DataError(f"{where}: no assistant message with content (there would be nothing to learn)")
+    return Chat(tuple(out), source)
+
+
+def chat_token_ids(tokenizer) -> dict[str, int]:
+    """The ids of CHAT_TOKENS in `tokenizer`; an error naming the tokenizer and what it lacks."""
+    special = getattr(tokenizer, "special_tokens", {})
+    missing = [name for name in CHAT_TOKENS if name not in special]
+    if missing:
+        raise DataError(f"instruction and chat data are rendered in the Llama 3 chat format, but the tokenizer "
+                        f"{tokenizer!r} has no special token(s) {missing}; use a Llama 3 tokenizer, or plain text data")
+    return {name: special[name] for name in CHAT_TOKENS}
+
+
+def header_ids(tokenizer, role: str) -> list[int]:
+    """<|start_header_id|>{role}<|end_header_id|>\\n\\n as ids."""
+    ids = chat_token_ids(tokenizer)
+    return [ids["<|start_header_id|>"], *tokenizer.encode(role, bos=False, eos=False), ids["<|end_header_id|>"],
+            *tokenizer.encode("\n\n", bos=False, eos=False)]
+
+
+def encode_chat(chat: Chat, tokenizer) -> tuple[list[int], list[bool]]:
+    """(token ids, mask): mask[i] is True when token i is a response token the loss counts."""
+    eot = chat_token_ids(tokenizer)["<|eot_id|>"]
+    ids, mask = [tokenizer.bos_id], [False]
+    for role, content in chat.messages:
+        head = header_ids(tokenizer, role)
+        body = tokenizer.encode(content, bos=False, eos=False) + [eot]
+        ids += head + body
+        mask += [False] * len(head) + [role == "assistant"] * len(body)
+    return ids, mask
+
+
+def encode_prompt(messages: list[tuple[str, str]], tokenizer) -> list[int]:
+    """A conversation so far, then the assistant header: what a model answers (generation)."""
+    ids, _ = encode_chat(Chat(tuple(messages), ""), tokenizer) if messages else ([tokenizer.bos_id], [])
+    return ids + header_ids(tokenizer, "assistant")
