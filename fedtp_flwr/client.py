@@ -78,31 +78,34 @@ def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str) -> Tokenizer | ByteTokenizer:
-    return load_tokenizer(path or None)
+def _tokenizer(path: str, checkpoint_dir: str = "") -> Tokenizer | ByteTokenizer:
+    """tokenizer-path; empty: the checkpoint-dir folder's own tokenizer (a path on this node), else Llama 3's."""
+    return load_tokenizer(path or None, checkpoint_dir or None)
 
 
 @functools.lru_cache(maxsize=8)
-def _dataset(path: str, partition: tuple[int, int] | None, scheme: str, seed: int, tokenizer_path: str,
-             max_seq_len: int, pack: bool) -> TokenDataset:
-    examples = load_examples(path)
+def _dataset(path: str, partition: tuple[int, int] | None, scheme: str, seed: int, tokenizer: tuple[str, str],
+             max_seq_len: int, pack: bool, data_format: str) -> TokenDataset:
+    examples = load_examples(path, data_format)
     if partition is not None:
         examples = partition_examples(examples, partition[0], partition[1], seed=seed, scheme=scheme)
-    return build_dataset(examples, _tokenizer(tokenizer_path), max_seq_len, pack=pack)
+    return build_dataset(examples, _tokenizer(*tokenizer), max_seq_len, pack=pack)
 
 
 def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "train") -> TokenDataset:
     """This node's training (or held-out) data; see the module docstring."""
     path_key = "data-path" if split == "train" else "eval-data-path"
+    tokenizer = (cfg.tokenizer_path, cfg.checkpoint_dir)
     if path_key in node_config:
-        return _dataset(str(node_config[path_key]), None, cfg.partitioning, cfg.seed, cfg.tokenizer_path,
-                        cfg.max_seq_len, cfg.packing)
+        return _dataset(str(node_config[path_key]), None, cfg.partitioning, cfg.seed, tokenizer,
+                        cfg.max_seq_len, cfg.packing, cfg.data_format)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise DataError(f"node config has neither {path_key!r} nor partition-id/num-partitions: "
                         f"give this SuperNode --node-config '{path_key}=\"/path/to/data.jsonl\"'")
     source = (cfg.train_data if split == "train" else cfg.eval_data) or str(builtin_corpus_path(split))
     partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
-    return _dataset(source, partition, cfg.partitioning, cfg.seed, cfg.tokenizer_path, cfg.max_seq_len, cfg.packing)
+    return _dataset(source, partition, cfg.partitioning, cfg.seed, tokenizer, cfg.max_seq_len, cfg.packing,
+                    cfg.data_format)
 
 
 def local_step_count(cfg: RunConfig, n_rows: int) -> int:

@@ -93,13 +93,17 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     device = resolve_device(cfg.device)
 
     # Held-out data and a model to evaluate the merged weights in (built once, reloaded each round).
-    tokenizer = load_tokenizer(cfg.tokenizer_path or None)
+    tokenizer = load_tokenizer(cfg.tokenizer_path or None, cfg.checkpoint_dir or None)
+    source = "'checkpoint-dir' (the folder's own tokenizer)" if cfg.checkpoint_dir and not cfg.tokenizer_path \
+        else "'tokenizer-path'"
     if tokenizer.n_words > args.vocab_size:
-        raise ConfigError(f"config key 'tokenizer-path': the tokenizer ({tokenizer!r}) has {tokenizer.n_words} ids, "
+        raise ConfigError(f"config key {source}: the tokenizer ({tokenizer!r}) has {tokenizer.n_words} ids, "
                           f"more than the model's vocab_size {args.vocab_size} (config key 'model' / "
                           f"'checkpoint-dir': {model_name(cfg)})")
     eval_path = cfg.eval_data or str(builtin_corpus_path("eval"))
-    held_out = build_dataset(load_examples(eval_path), tokenizer, cfg.max_seq_len, pack=cfg.packing)
+    held_out = build_dataset(load_examples(eval_path, cfg.data_format), tokenizer, cfg.max_seq_len, pack=cfg.packing)
+    log(INFO, "fedtp-flwr: tokenizer %r; held-out %s: %d examples, %d target tokens%s", tokenizer, eval_path,
+        held_out.n_examples, held_out.n_target_tokens, " (responses only)" if held_out.masks is not None else "")
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)
     eval_model = build_model(args, device=device, seed=None)
 
