@@ -175,14 +175,17 @@ def pretrain(a) -> tuple[Path, dict]:
 # ------------------------------------------------------------------------------------------ phase B
 
 
-def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, tokenizer: str = "bytes") -> dict:
-    """One federated run of config `name` (CONFIGS[name], or the run-config keys `c`) through server.run."""
+def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, tokenizer: str = "bytes",
+               node_files: list[Path] | None = None, eval_file: Path | None = None) -> dict:
+    """One federated run of config `name` (CONFIGS[name], or the run-config keys `c`) through server.run,
+    one node per file of `node_files` (default: the fine-tuning plays), held-out data `eval_file` (Macbeth)."""
     c = CONFIGS[name] if c is None else c
-    nodes = [{"data-path": str(CORPUS_TRAIN / f"{play}.jsonl"), "partition-id": i} for i, play in enumerate(FINETUNE_PLAYS)]
+    node_files = node_files or [CORPUS_TRAIN / f"{play}.jsonl" for play in FINETUNE_PLAYS]
+    nodes = [{"data-path": str(f), "partition-id": i} for i, f in enumerate(node_files)]
     with tempfile.TemporaryDirectory(prefix="lq-") as tmp:
         cfg = {
             "num-server-rounds": a.rounds, "local-steps": a.local_steps, "learning-rate": a.lr, "seed": seed,
-            "checkpoint-dir": str(ckpt), "tokenizer-path": tokenizer, "eval-data": str(EVAL_FILE),
+            "checkpoint-dir": str(ckpt), "tokenizer-path": tokenizer, "eval-data": str(eval_file or EVAL_FILE),
             "max-seq-len": a.seq, "batch-size": a.batch, "max-batch-size": 8, "eval-batches": a.eval_batches,
             "packing": True, "min-available-nodes": len(nodes), "swap-period": a.swap_period, "device": "cpu",
             "precision": "fp32", "lr-schedule": "constant", "weight-decay": 0.01, "max-grad-norm": 1.0,
@@ -206,6 +209,9 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
         "final_loss": float(history[-1][1]), "final_ppl": float(history[-1][2]), "seconds": seconds,
         "bytes_down_per_client_round": sum(down) / len(down), "bytes_up_per_client_round": sum(up) / len(up),
         "messages": len(down), "replies": len(up),
+        # each reply's local training time (its num-tokens / tokens-per-second), in reply order
+        "client_seconds": [float(m.content["metrics"]["num-tokens"]) / float(m.content["metrics"]["tokens-per-second"])
+                           for m in grid.replies if not m.has_error()],
     }
 
 
