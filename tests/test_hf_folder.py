@@ -1,0 +1,222 @@
+"""A Hugging Face Llama folder with its own tokenizer, fine-tuned through the app on chat data.
+
+The folders are built here with transformers and a small byte-level BPE trained with `tokenizers`: a model
+with 9 query heads and 3 kv heads (so W = 3), tied embeddings, no RoPE scaling and rope_theta 10000, its
+tokenizer.json and tokenizer_config.json beside the weights, as on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtp_flwr.checkpoint import export_hf, load_checkpoint, load_model
+from fedtp_flwr.config import ConfigError
+from fedtp_flwr.data import DataError, HFTokenizer, Tokenizer, build_dataset, load_examples, load_tokenizer
+from fedtp_flwr.data.tokenizer import special_token_names
+from fedtp_flwr.outputs import load_run_checkpoint, read_results
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_CHAT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>"]
+SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM-style (49k-vocabulary Llama models)
+
+COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
+             ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Cuba", "Havana"), ("Iran", "Tehran"),
+             ("Oman", "Muscat"), ("Mali", "Bamako")]
+
+
+def train_tokenizer(specials: list[str], vocab_size: int = 400):
+    """A byte-level BPE trained on the chat data's own words (deterministic, well under a second)."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [f"What is the capital of {c}? The capital of {c} is {k}." for c, k in COUNTRIES] * 3
+    tok.train_from_iterator(text + ["user assistant system\n\n"], trainer)
+    return tok
+
+
+def make_folder(path: Path, *, specials=LLAMA3_CHAT_SPECIALS, tokenizer_config=None, vocab_size=None,
+                heads=(9, 3), tied=True, seed=0) -> Path:
+    """config.json + model.safetensors (transformers' own save_pretrained) + tokenizer.json (+ config)."""
+    tok = train_tokenizer(specials)
+    n_words = tok.get_vocab_size(with_added_tokens=True)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size or n_words, hidden_size=8 * heads[0], intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
+        bos_token_id=tok.token_to_id(specials[0]), eos_token_id=tok.token_to_id(specials[1]))
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    if tokenizer_config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return path
+
+
+def chat_records(pairs) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is the capital of {c}?"},
+                          {"role": "assistant", "content": f"The capital of {c} is {k}."}]} for c, k in pairs]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ------------------------------------------------------------------------------- the folder's tokenizer
+
+
+def test_the_folder_tokenizer_is_used_with_the_special_ids_its_configs_name(tmp_path):
+    folder = make_folder(tmp_path / "hf", tokenizer_config={
+        "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": True},
+        "pad_token": "<|finetune_right_pad_id|>"})
+    tok = load_tokenizer("", folder)
+    assert isinstance(tok, HFTokenizer) and tok.path == str(folder / "tokenizer.json")
+    ids = {name: tok.special_tokens[name] for name in LLAMA3_CHAT_SPECIALS}
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ids["<|begin_of_text|>"], ids["<|eot_id|>"],
+                                                    ids["<|finetune_right_pad_id|>"])  # eos from tokenizer_config
+    assert ids["<|end_of_text|>"] in tok.stop_tokens  # config.json's eos_token_id also stops generation
+    text = "What is the capital of Peru?"
+    assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+    assert tok.encode("<|eot_id|>", bos=False, eos=False) != [ids["<|eot_id|>"]]  # special text stays text
+    # tokenizer-path may name the tokenizer.json itself (its configs are read from beside it)
+    assert load_tokenizer(str(folder / "tokenizer.json")).eos_id == tok.eos_id
+
+
+def test_ids_from_config_json_when_there_is_no_tokenizer_config(tmp_path):
+    folder = make_folder(tmp_path / "hf", specials=SMOL_SPECIALS)
+    config = json.loads((folder / "config.json").read_text())
+    tok = load_tokenizer("", folder)
+    assert (tok.bos_id, tok.eos_id) == (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert tok.pad_id == tok.eos_id
+
+
+def test_a_smollm_style_tokenizer_trains_on_text_and_refuses_chat_data_by_name(tmp_path):
+    folder = make_folder(tmp_path / "hf", specials=SMOL_SPECIALS,
+                         tokenizer_config={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+    tok = load_tokenizer("", folder)
+    assert tok.bos_id == tok.eos_id == 0
+    text = build_dataset(["The capital of Peru is Lima."], tok, 16)
+    assert text.rows[0][0] == 0 and text.rows[0][-1] == 0
+    chats = load_examples(write_jsonl(tmp_path / "c.jsonl", chat_records(COUNTRIES[:1])), "auto")
+    with pytest.raises(DataError, match=re.escape("no special token(s) ['<|begin_of_text|>', '<|start_header_id|>'")):
+        build_dataset(chats, tok, 64)
+
+
+def test_meta_tokenizer_model_in_original_is_used(tmp_path):
+    from fedtp_flwr.data.tokenizer import default_tokenizer_path
+
+    (tmp_path / "original").mkdir()
+    shutil.copy(default_tokenizer_path(), tmp_path / "original" / "tokenizer.model")
+    tok = load_tokenizer("", tmp_path)
+    assert isinstance(tok, Tokenizer) and tok.path == tmp_path / "original" / "tokenizer.model"
+    assert isinstance(load_tokenizer("", tmp_path / "elsewhere"), Tokenizer)  # no tokenizer: Llama 3's default
+
+
+def test_a_bad_token_name_in_tokenizer_config_names_the_folder(tmp_path):
+    folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<s>", "eos_token": "<|eot_id|>"})
+    with pytest.raises(DataError, match=re.escape(f"{folder}: the bos token '<s>' of its configs is not in")):
+        load_tokenizer("", folder)
+
+
+@pytest.mark.slow  # converts Meta's 128k-rank tiktoken file to a tokenizer.json with transformers (~7 s)
+def test_llama3_tokenizer_json_gives_the_tiktoken_ids(tmp_path):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from fedtp_flwr.data import builtin_corpus_path
+    from fedtp_flwr.data.tokenizer import SPLIT_PATTERN, default_tokenizer_path
+
+    converted = TikTokenConverter(vocab_file=str(default_tokenizer_path()), pattern=SPLIT_PATTERN,
+                                  extra_special_tokens=special_token_names()).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    hf, tiktoken_tok = load_tokenizer("", tmp_path), Tokenizer()
+    assert isinstance(hf, HFTokenizer) and hf.n_words == tiktoken_tok.n_words == 128256
+    assert (hf.bos_id, hf.eos_id, hf.pad_id) == (128000, 128001, 128004)
+    assert hf.special_tokens == tiktoken_tok.special_tokens
+    text = "\n".join(e.text for e in load_examples(builtin_corpus_path("eval")))[:20_000]
+    text += " naïve café 日本語 🤖 12345 3.14159 <|eot_id|>"
+    assert hf.encode(text, bos=True, eos=True) == tiktoken_tok.encode(text, bos=True, eos=True)
+    assert hf.decode(hf.encode(text, bos=False, eos=False)) == text
+
+
+# ------------------------------------------------------------------------------------ through the app
+
+
+def run_app(tmp_path: Path, folder: Path, **overrides) -> list:
+    from fedtp_flwr.inprocess import InProcessGrid
+    from fedtp_flwr.server import run
+
+    cfg = {"checkpoint-dir": str(folder), "world-size": 3, "num-server-rounds": 2, "local-steps": 6,
+           "batch-size": 4, "max-seq-len": 64, "learning-rate": 3e-3, "eval-batches": 0, "max-batch-size": 8,
+           "min-available-nodes": 3, "train-data": str(tmp_path / "train.jsonl"),
+           "eval-data": str(tmp_path / "eval.jsonl"), "output-dir": str(tmp_path / "out"), **overrides}
+    grid = InProcessGrid([{"partition-id": i, "num-partitions": 3} for i in range(3)], cfg)
+    run(grid, cfg)
+    return grid
+
+
+@pytest.mark.slow  # two in-process rounds at W=3: ~5 s
+def test_a_hf_folder_with_its_tokenizer_fine_tunes_on_chat_data_at_world_size_3(tmp_path):
+    """9 heads / 3 kv heads at W=3, tied embeddings, the folder's tokenizer, chat training data and Alpaca
+    held-out data: the held-out loss (responses only) falls, every node got a third of the heads, and the
+    result exports to a folder transformers loads with the same logits."""
+    folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<|begin_of_text|>",
+                                                             "eos_token": "<|eot_id|>"})
+    write_jsonl(tmp_path / "train.jsonl", chat_records(COUNTRIES[:9]) * 4)
+    write_jsonl(tmp_path / "eval.jsonl", [{"instruction": f"What is the capital of {c}?",
+                                           "output": f"The capital of {c} is {k}."} for c, k in COUNTRIES[9:]])
+    grid = run_app(tmp_path, folder)
+
+    (history,) = read_results(tmp_path / "out" / "experiment_results_llama32.pkl").values()
+    assert [r for r, _, _ in history] == [0, 1, 2] and all(math.isfinite(loss) for _, loss, _ in history)
+    assert history[-1][1] < history[0][1] - 0.5, history
+    args, _ = load_checkpoint(folder)
+    for msg in grid.delivered:  # a third of the 9 query heads and of the 3 kv heads, the full embeddings
+        arrays = msg.content["arrays"]
+        assert tuple(arrays["layers.0.attention.wq.weight"].shape) == (3 * 8, 72)
+        assert tuple(arrays["layers.0.attention.wk.weight"].shape) == (1 * 8, 72)
+        assert tuple(arrays["tok_embeddings.weight"].shape) == (args.vocab_size, 72)
+    assert all(not reply.has_error() for reply in grid.replies)
+
+    ckpt = load_run_checkpoint(tmp_path / "out" / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth")
+    state = ckpt["model_state_dict"]
+    export_hf(state, args, tmp_path / "exported", dtype=torch.float32)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = load_model(tmp_path / "exported")
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max() < 2e-4
+
+
+def test_a_tokenizer_larger_than_the_model_stops_the_run_naming_both_numbers(tmp_path):
+    n_words = train_tokenizer(LLAMA3_CHAT_SPECIALS).get_vocab_size(with_added_tokens=True)
+    assert n_words > 300
+    folder = make_folder(tmp_path / "hf", vocab_size=300)
+    write_jsonl(tmp_path / "train.jsonl", chat_records(COUNTRIES))
+    write_jsonl(tmp_path / "eval.jsonl", chat_records(COUNTRIES))
+    with pytest.raises(ConfigError, match=rf"'checkpoint-dir' \(the folder's own tokenizer\).* has {n_words} ids, more "
+                                          r"than the model's vocab_size 300"):
+        run_app(tmp_path, folder)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_world_sizes_the_heads_do_not_allow_are_refused(tmp_path):
+    folder = make_folder(tmp_path / "hf")
+    write_jsonl(tmp_path / "train.jsonl", chat_records(COUNTRIES))
+    write_jsonl(tmp_path / "eval.jsonl", chat_records(COUNTRIES))
+    with pytest.raises(ConfigError, match=r"world-size.*valid world sizes: \[1, 3\]"):
+        run_app(tmp_path, folder, **{"world-size": 2})
