@@ -54,7 +54,7 @@ from fedtp_flwr.sharding import REPLICATE, rule_for, shard, slice_shapes, valid_
 from fedtp_flwr.strategy import FederatedTensorParallel
 from fedtp_flwr.wire import encode, record_nbytes
 
-WIRE_DTYPES = ("float32", "bfloat16")
+WIRE_DTYPES = ("float32", "bfloat16")  # the two worth reporting (float16 moves as many bytes as bfloat16)
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Realistic ids: Flower node and run ids are random 64-bit integers; object-push session ids are uuid4.
 NODE_ID, RUN_ID, SESSION_ID = 0xD1A9_55C3_8B7E_0F21, 0x9E3B_4C2A_1F6D_7081, str(uuid.UUID(int=2**127 + 12345))

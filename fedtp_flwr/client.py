@@ -25,7 +25,7 @@ from .data import (ByteTokenizer, DataError, TokenDataset, Tokenizer, build_data
                    eval_batches, iterate_batches, load_examples, load_tokenizer, partition_examples)
 from .model import ModelArgs, Transformer
 from .sharding import shard_args
-from .training import TrainSettings, evaluate, resolve_device, train_local
+from .training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
 from .wire import decode, encode, record_nbytes
 
 
@@ -127,7 +127,7 @@ def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> Tra
 
 
 def param_dtype(cfg: RunConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.client_param_dtype]
+    return PARAM_DTYPES[cfg.client_param_dtype]
 
 
 def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int) -> int:
@@ -156,7 +156,7 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
         "num-examples": data.n_examples,  # FedAvg's n_k: the size of this node's local dataset
         "train-loss": m["train_loss"], "train-perplexity": m["train_perplexity"],
         "num-tokens": m["num_tokens"], "tokens-per-second": m["tokens_per_second"],
-        "received-parameters": sum(t.numel() for t in model.state_dict().values()),  # the slice, never the model
+        "slice-parameters": sum(t.numel() for t in model.state_dict().values()),  # the slice, never the model
     })
     return encode(model.state_dict(), job.wire_dtype), metrics
 
@@ -168,7 +168,7 @@ def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str
     model = build_slice_model(job, content, resolve_device(cfg.device))
     data = local_dataset(cfg, node_config, "eval")
     res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
-    return MetricRecord({"num-examples": res["num_tokens"], "slice-loss": res["loss"],
+    return MetricRecord({"num-tokens": res["num_tokens"], "slice-loss": res["loss"],
                          "slice-perplexity": res["perplexity"]})
 
 

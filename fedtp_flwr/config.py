@@ -11,12 +11,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .data.files import FORMATS as DATA_FORMATS
-from .training import OPTIMIZERS
+# Each set of choices is declared once, next to the code that implements it; the keys below use them.
+from .aggregation import WEIGHTINGS
+from .data.partition import SCHEMES
+from .quant import BITS
+from .robust import RULES
+from .training import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS
+from .wire import WIRE_DTYPES
 
+# Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 SLICE_MODES = ("independent", "context")
-MERGE_WEIGHTINGS = ("auto", "per-rank", "all-clients")
-RANK_MERGES = ("mean", "median", "trimmed-mean")
+MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
+RANK_MERGES = ("mean",) + RULES
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
@@ -40,15 +47,15 @@ class RunConfig:
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the round is skipped", minimum=1)
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
-    wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=("float32", "bfloat16", "float16"))
+    wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
-    context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=(4, 8, 16))
+    context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
     # -- untrusted clients
-    max_num_examples: int = _key("max-num-examples", 100_000_000, "largest num-examples a reply may claim (training: local examples; client-eval: held-out tokens); a reply claiming more is dropped", minimum=1)
+    max_num_examples: int = _key("max-num-examples", 100_000_000, "largest weight a reply may claim (a training reply's num-examples, a client-eval reply's num-tokens); a reply claiming more is dropped", minimum=1)
     outlier_norm_factor: float = _key("outlier-norm-factor", 10.0, "drop a reply whose update norm (its rank slice, or the replicated layers) exceeds this multiple of the round's median, when >= 3 replies compare (0: off)", minimum=0.0)
     rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES)
     trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0)
@@ -60,7 +67,7 @@ class RunConfig:
     train_data: str = _key("train-data", "", "training .txt/.jsonl file or directory; empty: the built-in corpus")
     eval_data: str = _key("eval-data", "", "held-out .txt/.jsonl file or directory; empty: the built-in corpus")
     data_format: str = _key("data-format", "auto", "records of the .jsonl data: text, alpaca (instruction, input, output) or chat (messages); alpaca and chat are rendered in the Llama 3 chat format with the loss on the responses only; auto: detected per file", choices=DATA_FORMATS)
-    partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=("iid", "by-source"))
+    partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=SCHEMES)
     packing: bool = _key("packing", True, "pack examples into full max-seq-len sequences (no padding)")
     max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
     eval_batches: int = _key("eval-batches", 8, "held-out batches per evaluation (0: all)", minimum=0)
@@ -73,15 +80,15 @@ class RunConfig:
     local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0)
     grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", minimum=1)
     max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", minimum=0.0)
-    lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=("constant", "cosine"))
+    lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=LR_SCHEDULES)
     warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", minimum=0)
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward")
     optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS)
-    client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=("float32", "bfloat16"))
+    client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=tuple(PARAM_DTYPES))
     optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)")
     loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", minimum=0)
     device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32", "bf16"))
+    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS)
     seed: int = _key("seed", 42, "seed for init, data order and sampling")
     # -- outputs
     output_dir: str = _key("output-dir", "outputs", "where results, eval files and checkpoints go")

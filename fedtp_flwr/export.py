@@ -15,8 +15,9 @@ import torch
 from .checkpoint import export_hf, save_meta_checkpoint
 from .model import ModelArgs
 from .outputs import load_run_checkpoint
+from .wire import WIRE_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = WIRE_DTYPES  # the float dtypes this project reads and writes
 
 
 def export_run_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "hf", dtype: str = "bfloat16") -> Path:

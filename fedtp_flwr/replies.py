@@ -3,9 +3,9 @@
 A training reply is accepted only if it is not an error and holds exactly two records: an ArrayRecord
 "arrays" whose keys are exactly the slice the node was sent, each Array's declared dtype and shape, and its
 .npy header's, equal to the expected wire dtype and shape, with only finite values; and a MetricRecord
-"metrics" whose num-examples is an integer in [1, max-num-examples] and whose known metrics (below) are
-finite numbers. An evaluation reply (client-eval) holds exactly one MetricRecord "metrics", checked the
-same way. Anything else raises ReplyError with the reason; the strategy logs it and drops the reply.
+"metrics" whose num-examples (local training examples) is an integer in [1, max-num-examples] and whose known
+metrics (below) are finite numbers. An evaluation reply (client-eval) holds exactly one MetricRecord "metrics",
+checked the same way, with num-tokens (the held-out target tokens it scored) as its weight. Anything else raises ReplyError with the reason; the strategy logs it and drops the reply.
 
 Metrics are reduced here, from the known keys of checked replies only (unknown keys are ignored): no
 client's records are handed to code that could throw on them.
@@ -22,8 +22,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .wire import NUMPY_DTYPE, decode
 
-# Metrics this project's client sends (besides num-examples), and that the server averages.
-TRAIN_METRICS = ("train-loss", "train-perplexity", "num-tokens", "tokens-per-second", "received-parameters")
+# Metrics this project's client sends (besides the weight key), and that the server averages.
+# slice-parameters: the parameters this client received, trained and uploaded (its slice, never the model).
+TRAIN_METRICS = ("train-loss", "train-perplexity", "num-tokens", "tokens-per-second", "slice-parameters")
+TRAIN_WEIGHT, EVAL_WEIGHT = "num-examples", "num-tokens"  # the key each reply is weighted by
 EVAL_METRICS = ("slice-loss", "slice-perplexity")
 
 
@@ -52,9 +54,9 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_metrics(msg: Message, records: tuple[str, ...], known: tuple[str, ...],
+def _check_metrics(msg: Message, records: tuple[str, ...], weight_key: str, known: tuple[str, ...],
                    max_num_examples: int) -> tuple[int, dict[str, float]]:
-    """The reply is not an error and holds exactly `records`; -> (num-examples, known metrics)."""
+    """The reply is not an error and holds exactly `records`; -> (its weight, known metrics)."""
     if msg.has_error():
         raise ReplyError(f"error reply (code {msg.error.code}): {safe_text(msg.error.reason)}")
     content = msg.content
@@ -64,9 +66,9 @@ def _check_metrics(msg: Message, records: tuple[str, ...], known: tuple[str, ...
     metrics = content["metrics"]
     if not isinstance(metrics, MetricRecord):
         raise ReplyError("no MetricRecord 'metrics' in the reply")
-    n = metrics.get("num-examples")
+    n = metrics.get(weight_key)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_num_examples:
-        raise ReplyError(f"num-examples must be an integer in [1, {max_num_examples}] (max-num-examples), "
+        raise ReplyError(f"{weight_key} must be an integer in [1, {max_num_examples}] (max-num-examples), "
                          f"got {safe_text(repr(n), 60)}")
     values = {}
     for key in known:
@@ -82,7 +84,7 @@ def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wi
                 max_num_examples: int) -> CheckedReply:
     """A training reply -> CheckedReply, or ReplyError. The slice's tensors are read-only views of the
     reply's bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time."""
-    n, values = _check_metrics(msg, ("arrays", "metrics"), TRAIN_METRICS, max_num_examples)
+    n, values = _check_metrics(msg, ("arrays", "metrics"), TRAIN_WEIGHT, TRAIN_METRICS, max_num_examples)
     arrays = msg.content["arrays"]
     if not isinstance(arrays, ArrayRecord):
         raise ReplyError("no ArrayRecord 'arrays' in the reply")
@@ -114,13 +116,13 @@ def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wi
 
 
 def check_eval_reply(msg: Message, max_num_examples: int) -> tuple[int, dict[str, float]]:
-    """A client-eval reply -> (num-examples, known metrics), or ReplyError."""
-    return _check_metrics(msg, ("metrics",), EVAL_METRICS, max_num_examples)
+    """A client-eval reply -> (num-tokens, known metrics), or ReplyError."""
+    return _check_metrics(msg, ("metrics",), EVAL_WEIGHT, EVAL_METRICS, max_num_examples)
 
 
 def reduce_metrics(replies: Iterable[tuple[int, Mapping[str, float]]]) -> MetricRecord:
-    """num-examples-weighted mean of each known metric over the checked replies that report it (the
-    weighting key itself left out, as Flower's aggregate_metricrecords does)."""
+    """Weighted mean (by each reply's num-examples, or num-tokens for evaluation) of each known metric over the
+    checked replies that report it (the weight key itself left out, as Flower's aggregate_metricrecords does)."""
     replies = list(replies)
     out = {}
     for key in sorted({k for _, m in replies for k in m}):

@@ -39,14 +39,15 @@ def make_inner_strategy(cfg: RunConfig) -> FedAvg:
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=cfg.min_available_nodes)
     eta = cfg.server_learning_rate
-    return {
+    factories = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=cfg.proximal_mu),
         "fedavgm": lambda: FedAvgM(**common, server_learning_rate=eta, server_momentum=cfg.server_momentum),
         "fedadam": lambda: FedAdam(**common, eta=eta, beta_1=0.9, beta_2=0.99),
         "fedyogi": lambda: FedYogi(**common, eta=eta, beta_1=0.9, beta_2=0.99),
         "fedadagrad": lambda: FedAdagrad(**common, eta=eta),
-    }[cfg.strategy]()
+    }
+    return factories[cfg.strategy]()  # config.STRATEGIES names exactly these (tests/test_config.py)
 
 
 def _as_float32(record: ArrayRecord) -> ArrayRecord:

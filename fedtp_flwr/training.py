@@ -36,6 +36,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # block-quantized state (~2 B / ~1 B per parameter). All three take bfloat16 weights too: then the update is
 # applied with stochastic rounding (torchao), so no float32 master copy is needed.
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
+# dtypes a client may hold its trainable weights in (run-config key client-param-dtype).
+PARAM_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 

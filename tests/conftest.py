@@ -138,7 +138,7 @@ def check_outputs(out: Path, rounds: int, world_size: int = WORLD_SIZE) -> list[
 
 def check_slices(log_text: str, client_text: str, rounds: list[int], nodes: int = 2) -> dict[int, dict[int, int]]:
     """Each node got a slice of the expected shapes and never the full model, by three independent records:
-    the strategy's bytes sent, each client's own log line, and the clients' aggregated received-parameters."""
+    the strategy's bytes sent, each client's own log line, and the clients' aggregated slice-parameters."""
     slice_params, slice_arrays = slice_parameter_count()
     full = full_parameter_count()
     assert slice_params < full
@@ -160,7 +160,7 @@ def check_slices(log_text: str, client_text: str, rounds: list[int], nodes: int 
     metrics = train_metrics(log_text)
     assert len(metrics) == len(rounds)
     for m in metrics:  # weighted mean over the nodes of what each one received: every node got one slice
-        assert m["received-parameters"] == pytest.approx(slice_params)
+        assert m["slice-parameters"] == pytest.approx(slice_params)
     return ranks
 
 

@@ -78,3 +78,29 @@ def test_local_epochs_replace_local_steps():
     epochs = RunConfig.from_run_config({"local-epochs": 1.5, "batch-size": 4, "grad-accum-steps": 2})
     assert local_step_count(epochs, n_rows=100) == 19  # ceil(1.5 * 100 / 8)
     assert local_step_count(epochs, n_rows=1) == 1
+
+
+def test_every_strategy_choice_builds_its_flower_strategy():
+    from fedtp_flwr.config import STRATEGIES
+    from fedtp_flwr.strategy import make_inner_strategy
+
+    built = {name: type(make_inner_strategy(RunConfig(strategy=name))).__name__ for name in STRATEGIES}
+    assert built == {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+                     "fedadagrad": "FedAdagrad", "fedprox": "FedProx"}
+
+
+def test_choice_sets_are_the_implementing_modules_own():
+    from fedtp_flwr import aggregation, quant, robust, training, wire
+    from fedtp_flwr.data import partition
+
+    keys = RunConfig.keys()
+    choices = {k: tuple(f.metadata["choices"]) for k, f in keys.items()}
+    assert choices["wire-dtype"] == tuple(wire.WIRE_DTYPES)
+    assert choices["context-bits"] == quant.BITS
+    assert choices["partitioning"] == partition.SCHEMES
+    assert choices["lr-schedule"] == training.LR_SCHEDULES
+    assert choices["precision"] == training.PRECISIONS
+    assert choices["optimizer"] == training.OPTIMIZERS
+    assert choices["client-param-dtype"] == tuple(training.PARAM_DTYPES)
+    assert set(choices["merge-weighting"]) == {"auto", *aggregation.WEIGHTINGS}
+    assert set(choices["rank-merge"]) == {"mean", *robust.RULES}

@@ -148,11 +148,11 @@ def test_only_the_first_reply_of_a_node_counts(tmp_path, caplog, honest):
 
 @pytest.mark.slow
 def test_evaluation_replies_are_checked(tmp_path, caplog):
-    """client-eval: num-examples 0 (a division by zero in Flower's averaging) and a list-valued metric."""
-    bad = lambda r, m: with_metrics(r, m, **{"num-examples": 0, "slice-loss": [1.0]})  # noqa: E731
+    """client-eval: num-tokens 0 (a division by zero in Flower's averaging) and a list-valued metric."""
+    bad = lambda r, m: with_metrics(r, m, **{"num-tokens": 0, "slice-loss": [1.0]})  # noqa: E731
     history = run_in_process(tmp_path, tampering(ATTACKER, bad, "evaluate"), **{"client-eval": True})
     assert len(history) == ROUNDS + 1
-    assert f"round {ROUNDS}: dropping evaluation reply from node {ATTACKER}: num-examples" in caplog.text
+    assert f"round {ROUNDS}: dropping evaluation reply from node {ATTACKER}: num-tokens" in caplog.text
     assert "slice evaluation (clients)" in caplog.text
 
 
@@ -213,15 +213,15 @@ def strategy_and_messages(nodes, message_type="train", inner=None, **cfg):
 
 def test_evaluation_reply_with_zero_examples_cannot_crash_the_server(server_identity, caplog):
     s, _, msgs = strategy_and_messages([1, 2], "evaluate", client_eval=True)
-    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "slice-loss": 1.0})}), reply_to=m)
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-tokens": 0, "slice-loss": 1.0})}), reply_to=m)
                for m in msgs]
     assert s.aggregate_evaluate(1, replies) is None
-    assert "dropping evaluation reply from node 1: num-examples" in caplog.text
+    assert "dropping evaluation reply from node 1: num-tokens" in caplog.text
 
 
 def test_evaluation_metrics_are_weighted_means_of_known_keys(server_identity):
     s, _, msgs = strategy_and_messages([1, 2], "evaluate", client_eval=True)
-    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "slice-loss": loss, "other": 5.0})}),
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-tokens": n, "slice-loss": loss, "other": 5.0})}),
                        reply_to=m) for m, n, loss in zip(msgs, (1, 3), (1.0, 2.0))]
     assert dict(s.aggregate_evaluate(1, replies)) == {"slice-loss": pytest.approx(1.75)}
 
