@@ -123,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default bench/results/method_comparison.json)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out, run the rest")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 2 steps, tiny pretrain, 5 runs")
+    p.add_argument("--report", action="store_true", help="run nothing: summarize the runs in --out again")
     a = p.parse_args(argv)
     a.plan = QUICK_PLAN if a.quick else PLAN
     if a.quick:
@@ -408,7 +409,7 @@ def curves(run: dict, step_seconds: float | None, local_steps: int) -> dict:
 def summarize(doc: dict) -> None:
     """Per corpus: gain shares per round, at --rounds, at equal bytes and equal time; tables; targets."""
     a = doc["settings"]
-    R = a["rounds"]
+    R, L = a["rounds"], a["long_rounds"]
     doc["summary"], tables = {}, []
     for corpus, cdoc in doc["corpora"].items():
         runs = [r for r in doc["runs"] if r["corpus"] == corpus]
@@ -475,6 +476,7 @@ def summarize(doc: dict) -> None:
             name = method + (f" (r={s['rank']})" if s["rank"] else "")
             rows.append([name, len(s["seeds"]), pct(s["gain_share_mean"]),
                          " / ".join(pct(x) for x in s["gain_share_per_round"][:R]),
+                         pct(s["gain_share_per_round"][L - 1]) if len(s["gain_share_per_round"]) >= L else "-",
                          "-" if s["memory_bytes"] is None else f"{s['memory_bytes'] / 1e6:.1f}",
                          f"{s['bytes_per_round'] / 1e6:.2f}" + (f" + {s['bytes_once'] / 1e6:.1f} once" if s["bytes_once"] else ""),
                          pct(eb["share_mean"]) + ("" if not eb["missing"] else f" ({eb['missing']} short)"),
@@ -482,7 +484,7 @@ def summarize(doc: dict) -> None:
                          pct(et["share_mean"]) + ("" if not et["missing"] else f" ({et['missing']} short)")])
         doc["summary"][corpus] = out
         tables.append(_common.table(
-            ["method", "seeds", f"gain share, round {R}", "per round 1..R", "client MB", "MB per round (down+up)",
+            ["method", "seeds", f"gain share, round {R}", "per round 1..R", f"round {L} (seed 42)", "client MB", "MB per round (down+up)",
              "at ctx-w2's bytes", "ms / step", "at ctx-w2's client time"], rows,
             title=f"{corpus} ({cdoc['model']}): start ppl {out.get('fedavg', {}).get('start_ppl', float('nan')):.3f}, "
                   f"FedAvg's gain = 100%; 'at ctx-w2's bytes/time': perplexity reached with the bytes (client compute "
@@ -527,17 +529,25 @@ def main(argv=None) -> dict:
     settings = {k: v for k, v in vars(a).items() if k not in ("plan", "cache_dir", "out", "only")}
     settings["cache_dir"] = os.path.relpath(a.cache_dir, _common.REPO_ROOT)
     doc = {"settings": settings, "corpora": {}, "runs": []}
-    if a.resume and out.exists():
+    before = 0.0  # seconds the runs kept from --out took
+    if (a.resume or a.report) and out.exists():
         old = json.loads(out.read_text())
-        doc["runs"], doc["corpora"] = old.get("runs", []), old.get("corpora", {})
+        doc["runs"], doc["corpora"], before = old.get("runs", []), old.get("corpora", {}), old.get("total_seconds", 0.0)
+        if a.report:  # the settings the runs were made with
+            doc["settings"], a.plan = old["settings"], []
     done = {(r["corpus"], r["seed"], r["method"]) for r in doc["runs"]}
     t0 = time.perf_counter()
     setups = {}
 
     def save():
-        doc["total_seconds"] = time.perf_counter() - t0
+        doc["total_seconds"] = before + time.perf_counter() - t0
         summarize(doc)
         _common.write_results("method_comparison", doc, out)
+        targets_md = [f"- {corpus}: {goal}: " + ("met" if t["met"] else "NOT met" if t["met"] is False else "not measured")
+                      + " (" + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if isinstance(v, float)) + ")"
+                      for corpus, ts in doc["targets"].items() for goal, t in ts.items()]
+        out.with_suffix(".md").write_text("# Method comparison (bench/method_comparison.py)\n" + "\n".join(doc["tables_md"])
+                                          + "\n\nTargets (issue 15):\n\n" + "\n".join(targets_md) + "\n")
 
     for corpus, seed, methods in a.plan:
         if corpus not in setups:
