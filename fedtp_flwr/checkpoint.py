@@ -321,9 +321,12 @@ def args_from_hf_config(config: Mapping, source: str = HF_CONFIG) -> ModelArgs:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def hf_config(args: ModelArgs, dtype: Optional[torch.dtype] = None) -> dict:
-    """A LlamaForCausalLM config.json dict for `args` (readable by transformers 4.x and 5.x)."""
+def hf_config(args: ModelArgs, dtype: Optional[torch.dtype] = None, tokenizer=None) -> dict:
+    """A LlamaForCausalLM config.json dict for `args` (readable by transformers 4.x and 5.x); bos / eos ids
+    from `tokenizer` when given, else Llama 3's for a 128,256 vocabulary."""
     llama3_vocab = args.vocab_size == 128256
+    bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer is not None else (
+        (128000, 128001) if llama3_vocab else (None, None))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -352,8 +355,8 @@ def hf_config(args: ModelArgs, dtype: Optional[torch.dtype] = None) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": False,  # this model stores `output` separately
         "initializer_range": 0.02,
-        "bos_token_id": 128000 if llama3_vocab else None,
-        "eos_token_id": 128001 if llama3_vocab else None,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
     }
 
@@ -399,10 +402,13 @@ def load_hf_checkpoint(hf_dir: str | Path, device="cpu") -> tuple[ModelArgs, dic
 
 
 def export_hf(
-    state_dict: Mapping[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, dtype: Optional[torch.dtype] = None
+    state_dict: Mapping[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
+    tokenizer=None,
 ) -> Path:
     """Write config.json + model.safetensors so `LlamaForCausalLM.from_pretrained(out_dir)` loads this
-    model. `dtype` None keeps the stored dtype."""
+    model. `dtype` None keeps the stored dtype. With `tokenizer` (the run's), also its tokenizer.json and
+    tokenizer_config.json (`data.tokenizer.save_hf_tokenizer`: `AutoTokenizer.from_pretrained(out_dir)`
+    works) and a generation_config.json whose eos ids are its stop tokens (<|eot_id|> ends a chat turn)."""
     from safetensors.torch import save_file
 
     check_state_dict(state_dict, args, "state dict to export")
@@ -416,8 +422,15 @@ def export_hf(
         seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
     stored = dtype or next(iter(tensors.values())).dtype
-    (out_dir / HF_CONFIG).write_text(json.dumps(hf_config(args, stored), indent=2) + "\n")
+    (out_dir / HF_CONFIG).write_text(json.dumps(hf_config(args, stored, tokenizer), indent=2) + "\n")
     save_file(tensors, str(out_dir / HF_WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        from .data.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer, out_dir)
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_tokens),
+                      "pad_token_id": tokenizer.pad_id}
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out_dir
 
 

@@ -19,8 +19,8 @@ import torch
 from fedtp_flwr.checkpoint import export_hf, load_checkpoint, load_model
 from fedtp_flwr.config import ConfigError
 from fedtp_flwr.data import DataError, HFTokenizer, Tokenizer, build_dataset, load_examples, load_tokenizer
-from fedtp_flwr.data.tokenizer import special_token_names
-from fedtp_flwr.outputs import load_run_checkpoint, read_results
+from fedtp_flwr.export import export_run_checkpoint
+from fedtp_flwr.outputs import read_results
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,24 +133,42 @@ def test_a_bad_token_name_in_tokenizer_config_names_the_folder(tmp_path):
 
 @pytest.mark.slow  # converts Meta's 128k-rank tiktoken file to a tokenizer.json with transformers (~7 s)
 def test_llama3_tokenizer_json_gives_the_tiktoken_ids(tmp_path):
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
+    """save_hf_tokenizer converts the tiktoken file (transformers' TikTokenConverter); reading the result
+    back as a folder's tokenizer.json, and with transformers' AutoTokenizer, gives the tiktoken ids."""
     from fedtp_flwr.data import builtin_corpus_path
-    from fedtp_flwr.data.tokenizer import SPLIT_PATTERN, default_tokenizer_path
+    from fedtp_flwr.data.tokenizer import save_hf_tokenizer
 
-    converted = TikTokenConverter(vocab_file=str(default_tokenizer_path()), pattern=SPLIT_PATTERN,
-                                  extra_special_tokens=special_token_names()).converted()
-    converted.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
-    hf, tiktoken_tok = load_tokenizer("", tmp_path), Tokenizer()
+    tiktoken_tok = Tokenizer()
+    assert save_hf_tokenizer(tiktoken_tok, tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = load_tokenizer("", tmp_path)
     assert isinstance(hf, HFTokenizer) and hf.n_words == tiktoken_tok.n_words == 128256
     assert (hf.bos_id, hf.eos_id, hf.pad_id) == (128000, 128001, 128004)
     assert hf.special_tokens == tiktoken_tok.special_tokens
     text = "\n".join(e.text for e in load_examples(builtin_corpus_path("eval")))[:20_000]
-    text += " naïve café 日本語 🤖 12345 3.14159 <|eot_id|>"
-    assert hf.encode(text, bos=True, eos=True) == tiktoken_tok.encode(text, bos=True, eos=True)
+    text += " naïve café 日本語 🤖 12345 3.14159"
+    want = tiktoken_tok.encode(text, bos=True, eos=True)
+    assert hf.encode(text, bos=True, eos=True) == want
     assert hf.decode(hf.encode(text, bos=False, eos=False)) == text
+    # special-token text stays text, as in tiktoken (transformers would read it as the special id)
+    assert hf.encode(" <|eot_id|>", bos=False, eos=False) == tiktoken_tok.encode(" <|eot_id|>", bos=False, eos=False)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert auto(text, add_special_tokens=False)["input_ids"] == want[1:-1]
+
+
+def test_an_exported_folder_carries_the_tokenizer_transformers_reads(tmp_path):
+    folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<|begin_of_text|>",
+                                                             "eos_token": "<|eot_id|>"})
+    tok = load_tokenizer("", folder)
+    args, state = load_checkpoint(folder)
+    export_hf(state, args, tmp_path / "out", tokenizer=tok)
+    assert load_tokenizer("", tmp_path / "out").special_tokens == tok.special_tokens
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "What is the capital of Peru?"
+    assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text, bos=False, eos=False)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert tok.special_tokens["<|eot_id|>"] in generation["eos_token_id"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
 
 
 # ------------------------------------------------------------------------------------ through the app
@@ -192,10 +210,12 @@ def test_a_hf_folder_with_its_tokenizer_fine_tunes_on_chat_data_at_world_size_3(
         assert tuple(arrays["tok_embeddings.weight"].shape) == (args.vocab_size, 72)
     assert all(not reply.has_error() for reply in grid.replies)
 
-    ckpt = load_run_checkpoint(tmp_path / "out" / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth")
-    state = ckpt["model_state_dict"]
-    export_hf(state, args, tmp_path / "exported", dtype=torch.float32)
+    export_run_checkpoint(tmp_path / "out" / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth",
+                          tmp_path / "exported", "hf", "float32")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")  # the folder's tokenizer came along
+    assert auto("The capital of Peru", add_special_tokens=False)["input_ids"] == load_tokenizer(
+        "", folder).encode("The capital of Peru", bos=False, eos=False)
     tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     ours = load_model(tmp_path / "exported")
     with torch.no_grad():

@@ -343,3 +343,42 @@ def load_tokenizer(path: str | Path | None = None,
     if path and str(path).endswith(".json"):
         return HFTokenizer(path)
     return Tokenizer(path or None)
+
+
+HF_TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer | ByteTokenizer | HFTokenizer, out_dir: str | Path) -> list[str]:
+    """Write `tokenizer` into a Hugging Face folder as tokenizer.json + tokenizer_config.json, so that
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` gives the same ids. A tokenizer.json is copied with
+    the configs beside it; a tiktoken tokenizer.model is converted with transformers' TikTokenConverter
+    (when transformers is installed). Returns the names written ([] when the tokenizer cannot be written:
+    the byte tokenizer, or tiktoken without transformers)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        src = Path(tokenizer.path)
+        shutil.copyfile(src, out_dir / "tokenizer.json")
+        written = ["tokenizer.json"] + [n for n in HF_TOKENIZER_CONFIGS if (src.parent / n).is_file()]
+        for name in written[1:]:
+            shutil.copyfile(src.parent / name, out_dir / name)
+        if "tokenizer_config.json" in written:
+            return written
+    elif isinstance(tokenizer, Tokenizer):
+        try:
+            from transformers.convert_slow_tokenizer import TikTokenConverter
+        except ImportError:
+            return []
+        names = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+        TikTokenConverter(vocab_file=str(tokenizer.path), pattern=SPLIT_PATTERN,
+                          extra_special_tokens=names).converted().save(str(out_dir / "tokenizer.json"))
+        written = ["tokenizer.json"]
+    else:
+        return []
+    names = {i: n for n, i in tokenizer.special_tokens.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(tokenizer.bos_id),
+              "eos_token": names.get(tokenizer.eos_id), "pad_token": names.get(tokenizer.pad_id)}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return written + ["tokenizer_config.json"]
