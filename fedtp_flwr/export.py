@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import export_hf, save_meta_checkpoint
+from .data import load_tokenizer
 from .model import ModelArgs
 from .outputs import load_run_checkpoint
 from .wire import WIRE_DTYPES
@@ -25,8 +26,19 @@ def export_run_checkpoint(path: str | Path, out_dir: str | Path, fmt: str = "hf"
     args = ModelArgs.from_params(json.loads(ckpt["config"]["model-args"]))
     state = {k: v.to(DTYPES[dtype]) for k, v in ckpt["model_state_dict"].items()}
     if fmt == "hf":
-        return export_hf(state, args, out_dir)
+        return export_hf(state, args, out_dir, tokenizer=run_tokenizer(ckpt["config"], args.vocab_size))
     return save_meta_checkpoint(state, args, out_dir)
+
+
+def run_tokenizer(config: dict, vocab_size: int):
+    """The run's tokenizer (its tokenizer-path / checkpoint-dir), to export beside the weights; None when it
+    cannot be read here or does not fit the model (the export then has weights and config only)."""
+    try:
+        tokenizer = load_tokenizer(config.get("tokenizer-path") or None, config.get("checkpoint-dir") or None)
+    except (OSError, ValueError) as e:
+        print(f"note: the run's tokenizer was not exported ({e})")
+        return None
+    return tokenizer if tokenizer.n_words <= vocab_size else None
 
 
 def main(argv: list[str] | None = None) -> None:
