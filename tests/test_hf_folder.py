@@ -240,3 +240,50 @@ def test_world_sizes_the_heads_do_not_allow_are_refused(tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", chat_records(COUNTRIES))
     with pytest.raises(ConfigError, match=r"world-size.*valid world sizes: \[1, 3\]"):
         run_app(tmp_path, folder, **{"world-size": 2})
+
+
+@pytest.mark.slow  # one in-process round with a 49,152-row vocabulary
+def test_a_smollm_style_folder_with_a_49k_vocabulary_fine_tunes_on_text(tmp_path):
+    """SmolLM's shape of vocabulary (49,152 embedding rows, tied, <|endoftext|> as bos and eos): its
+    tokenizer is smaller than the embedding (a padded vocabulary), text data, W = 3."""
+    folder = make_folder(tmp_path / "hf", specials=SMOL_SPECIALS, vocab_size=49152,
+                         tokenizer_config={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+    lines = [{"text": f"The capital of {c} is {k}."} for c, k in COUNTRIES] * 4
+    write_jsonl(tmp_path / "train.jsonl", lines)
+    write_jsonl(tmp_path / "eval.jsonl", lines[:12])
+    run_app(tmp_path, folder, **{"num-server-rounds": 1, "local-steps": 3, "max-seq-len": 32})
+    (history,) = read_results(tmp_path / "out" / "experiment_results_llama32.pkl").values()
+    assert history[1][1] < history[0][1], history  # the held-out text loss fell
+    args, _ = load_checkpoint(folder)
+    assert args.vocab_size == 49152
+
+
+@pytest.mark.slow  # the app in Flower's simulation runtime (tens of seconds)
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
+    """The same folder and data through `flwr run . --stream` with three simulated SuperNodes."""
+    try:
+        import flower_harness as fh
+        from conftest import APP_DIR
+    except ImportError:  # collected as a package
+        from tests import flower_harness as fh  # type: ignore[no-redef]
+        from tests.conftest import APP_DIR  # type: ignore[no-redef]
+
+    folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<|begin_of_text|>",
+                                                             "eos_token": "<|eot_id|>"})
+    write_jsonl(tmp_path / "train.jsonl", chat_records(COUNTRIES[:9]) * 4)
+    write_jsonl(tmp_path / "eval.jsonl", [{"instruction": f"What is the capital of {c}?",
+                                           "output": f"The capital of {c} is {k}."} for c, k in COUNTRIES[9:]])
+    out = tmp_path / "out"
+    config = {"checkpoint-dir": str(folder), "world-size": 3, "num-server-rounds": 2, "local-steps": 6,
+              "batch-size": 4, "max-seq-len": 64, "learning-rate": 3e-3, "eval-batches": 0, "max-batch-size": 8,
+              "min-available-nodes": 3, "train-data": str(tmp_path / "train.jsonl"),
+              "eval-data": str(tmp_path / "eval.jsonl"), "output-dir": str(out.resolve())}
+    res = fh.run_simulation(APP_DIR, config, num_supernodes=3, client_cpus=1, timeout_s=420)
+    res.assert_ok()
+    assert res.status == "finished:completed", res.describe()
+    assert "responses only" in res.log_text and "HFTokenizer(" in res.log_text
+    (history,) = read_results(out / "experiment_results_llama32.pkl").values()
+    assert [r for r, _, _ in history] == [0, 1, 2]
+    assert history[-1][1] < history[0][1] - 0.5, history
+    assert (out / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth").is_file()
