@@ -1,16 +1,25 @@
 """Server-side aggregation of tensor-parallel slices, as plain tensor math (no Flower types).
 
-Weights follow Flower's FedAvg exactly (`f_i = w_i / sum(w)`, then `acc = x_0 f_0; acc += x_i f_i`), so with
-world size 1 the result equals Flower's FedAvg bit for bit.
+Replies are folded in one at a time (`WeightedFold`): each one is added into running weighted sums and can
+then be released, so the server holds the global model, one set of sums (the size of the model) and the
+reply being folded, whatever the number of replies. Both rules below are sums divided once at the end.
 
 Two rules for a split parameter of rank r, whose current global value is `old`:
 - per-rank (the user's rule): the weighted mean of the replies that trained rank r,
-      new = sum_{i in r} (w_i / sum_{j in r} w_j) x_i
+      new = (sum_{i in r} w_i x_i) / (sum_{i in r} w_i)
 - all-clients (FedAvg's view of a partial update): every reply of the round counts, and a reply that did
       not train rank r counts as a zero update for it,
-      new = old + sum_{i in r} (w_i / sum_{all j} w_j) (x_i - old)
-Replicated parameters are the weighted mean over all replies under both rules. A rank that nobody
-trained keeps `old` under both rules.
+      new = old + (sum_{i in r} w_i (x_i - old)) / (sum_{all j} w_j)
+Replicated parameters are the weighted mean over all replies under both rules,
+      new = (sum_i w_i x_i) / (sum_i w_i).
+A rank that nobody trained keeps `old` under both rules.
+
+Arithmetic: float32 sums in arrival order, each term added as `acc += x_i (w_i / w_ref)` (w_ref: the first
+weight that sum received, so that one reply's sum is x exactly), one division by `sum(w) / w_ref` at the end.
+Flower's FedAvg instead scales each term by `w_i / sum(w)` before adding it (`acc = x_0 f_0; acc += x_i f_i`),
+which needs the total weight before the first reply is added, i.e. all replies at once. The two agree
+exactly with one reply and otherwise differ by float32 rounding only (a few units in the last place;
+tests/test_strategy.py bounds it).
 """
 
 from __future__ import annotations
@@ -33,19 +42,69 @@ class Contribution:
     weight: float  # num-examples
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i (w_i / sum w) t_i, accumulated as Flower does (x_0 f_0, then += x_i f_i) in float32, into `out`
-    if given. Each t is converted to float32 on its own (a no-op for float32)."""
-    total = sum(weights)
-    for i, (t, w) in enumerate(zip(tensors, weights)):
-        f = w / total
-        t = t.float()
-        if i == 0:
-            out = t * f if out is None else torch.mul(t, f, out=out)
-        else:
-            out.add_(t * f)  # one temporary of this tensor's size, not of the model
-    return out
+class WeightedFold:
+    """Running weighted sums of one round's replies: add(c) folds a reply in (it may be released right after);
+    result() divides once and returns the new full state dict, in the sums' own memory (no further copy).
+
+    The sums are full-shape float32 tensors allocated at the first add (one model's worth); a split
+    parameter's rank-r sum is rank r's block of it (a view from `shard`), so every rank writes in place."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], args: ModelArgs, world_size: int,
+                 weighting: str = "per-rank", vocab_parallel: bool = False):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"merge weighting {weighting!r} is not one of {WEIGHTINGS}")
+        self.old, self.args, self.world_size = global_state, args, world_size
+        self.weighting, self.vocab_parallel = weighting, vocab_parallel
+        self.sums: dict[str, torch.Tensor] | None = None
+        # Terms are added as x_i * (w_i / w_ref), w_ref the first weight a sum received (per rank for split
+        # parameters, over all replies for replicated ones): a sum of one reply is then x exactly, as in FedAvg.
+        self.rank_ref = [0.0] * world_size
+        self.rank_weight = [0.0] * world_size
+        self.ref, self.total, self.count = 0.0, 0.0, 0
+
+    def _views(self, state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+        return shard(state, self.args, rank, self.world_size, self.vocab_parallel)
+
+    def add(self, c: Contribution) -> None:
+        if self.sums is None:  # calloc'd: pages are touched by the first fold, not here
+            self.sums = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in self.old.items()}
+        dst = self._views(self.sums, c.rank)
+        old = self._views(self.old, c.rank)
+        w = float(c.weight)
+        self.ref = self.ref or w
+        self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
+        for k, x in c.state.items():  # one tensor-sized temporary at a time
+            x = x.float()
+            if rule_for(k, self.vocab_parallel) is REPLICATE:
+                dst[k].add_(x, alpha=w / self.ref)
+                continue
+            if self.weighting == "all-clients":
+                x = x - old[k]
+            dst[k].add_(x, alpha=w / self.rank_ref[c.rank])
+        self.rank_weight[c.rank] += w
+        self.total += w
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The merged state dict (float32, the global model's key order). The fold is spent afterwards."""
+        if not self.count:
+            raise ValueError("no contributions to aggregate")
+        out, self.sums = self.sums, None
+        for k, t in out.items():
+            if rule_for(k, self.vocab_parallel) is REPLICATE:
+                t.div_(self.total / self.ref)
+        for rank, rank_weight in enumerate(self.rank_weight):
+            dst, old = self._views(out, rank), self._views(self.old, rank)
+            for k, t in dst.items():
+                if rule_for(k, self.vocab_parallel) is REPLICATE:
+                    continue
+                if not rank_weight:
+                    t.copy_(old[k])
+                elif self.weighting == "per-rank":
+                    t.div_(rank_weight / self.rank_ref[rank])
+                else:
+                    t.div_(self.total / self.rank_ref[rank]).add_(old[k])
+        return {k: out[k] for k in self.old}
 
 
 def aggregate_slices(
@@ -56,29 +115,12 @@ def aggregate_slices(
     weighting: str = "per-rank",
     vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """New full state dict from this round's slices (see the module docstring for the rules).
-
-    Each split parameter is allocated once and every rank's result is written straight into its block
-    (a view from `shard`), so the merge holds no per-rank copies and needs no concatenation."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"merge weighting {weighting!r} is not one of {WEIGHTINGS}")
-    if not contributions:
-        raise ValueError("no contributions to aggregate")
-    weights = [c.weight for c in contributions]
-    total = sum(weights)
-
-    def replicated(k: str) -> torch.Tensor:
-        return weighted_mean([c.state[k] for c in contributions], weights)
-
-    def split(k: str, dst: torch.Tensor, old: torch.Tensor, group: Sequence[Contribution]) -> None:
-        if weighting == "per-rank":
-            weighted_mean([c.state[k] for c in group], [c.weight for c in group], out=dst)
-        else:
-            dst.copy_(old)
-            for c in group:
-                dst.add_((c.state[k].float() - old) * (c.weight / total))
-
-    return merge_by_plan(global_state, contributions, args, world_size, vocab_parallel, replicated, split)
+    """New full state dict from this round's slices (see the module docstring for the rules): the replies
+    folded in, in order, by `WeightedFold` (the server's streaming merge does the same, one reply at a time)."""
+    fold = WeightedFold(global_state, args, world_size, weighting, vocab_parallel)
+    for c in contributions:
+        fold.add(c)
+    return fold.result()
 
 
 def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution], args: ModelArgs,

@@ -47,6 +47,7 @@ class RunConfig:
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the round is skipped", minimum=1)
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
+    round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
@@ -104,6 +105,9 @@ class RunConfig:
         if not self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
                               "[0, 0.5) (the fraction cut from each tail)")
+        if self.round_quorum > 1:
+            raise ConfigError(f"config key 'round-quorum': {self.round_quorum!r} is not allowed; it must be in (0, 1] "
+                              "(a fraction of the round's sampled nodes)")
         if 0 < self.max_loss_increase < 1:
             raise ConfigError(f"config key 'max-loss-increase': {self.max_loss_increase!r} is not allowed; it must be 0 "
                               "(off) or >= 1 (a factor on the previous round's held-out loss)")

@@ -8,6 +8,7 @@ side quickly. Real runs use Flower's own Grid (`flwr run`).
 from __future__ import annotations
 
 import traceback
+import uuid
 from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
@@ -36,9 +37,23 @@ class InProcessGrid:
         self.handler = handler
         self.delivered: list[Message] = []  # every message sent, for inspection
         self.replies: list[Message] = []  # every reply (error replies included), in the same order
+        self._queued: dict[str, Message] = {}  # pushed, not yet pulled
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Queue messages (each gets an id, as Flower's grid gives it); a node handles one when it is pulled."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
+            self._queued[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to these queued messages: their nodes handle them now (through send_and_receive)."""
+        return self.send_and_receive([self._queued.pop(mid) for mid in message_ids if mid in self._queued])
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []

@@ -92,7 +92,9 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     check_config_world_size(args, cfg)
     device = resolve_device(cfg.device)
 
-    # Held-out data and a model to evaluate the merged weights in (built once, reloaded each round).
+    # Held-out data, and where the merged weights are evaluated: on the CPU in the evaluated record's own memory
+    # (a model on the meta device is assigned the record's read-only views; no float32 copy of the model), on a
+    # GPU in a model built there once and loaded from the record each round.
     tokenizer = load_tokenizer(cfg.tokenizer_path or None, cfg.checkpoint_dir or None)
     source = "'checkpoint-dir' (the folder's own tokenizer)" if cfg.checkpoint_dir and not cfg.tokenizer_path \
         else "'tokenizer-path'"
@@ -105,7 +107,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     log(INFO, "fedtp-flwr: tokenizer %r; held-out %s: %d examples, %d target tokens%s", tokenizer, eval_path,
         held_out.n_examples, held_out.n_target_tokens, " (responses only)" if held_out.masks is not None else "")
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)
-    eval_model = build_model(args, device=device, seed=None)
+    eval_model = build_model(args, device=device, seed=None) if device.type != "cpu" else None
 
     out_dir = resolve_output_dir(cfg.output_dir)
     config = {**cfg.to_dict(), "model-args": json.dumps(args.to_params())}
@@ -118,8 +120,15 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
         sum(t.numel() for t in state.values()) / 1e6, cfg.world_size, first_round, cfg.num_server_rounds, out_dir)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        eval_model.load_state_dict(decode(arrays, "float32", dtype=None, copy=False))
-        res = evaluate(eval_model, batches, precision=cfg.precision)
+        state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views of the record's bytes
+        if eval_model is None:
+            model = build_model(args, device="meta", seed=None)
+            model.load_state_dict(state, assign=True)  # evaluation only reads the weights
+        else:
+            model = eval_model
+            model.load_state_dict(state)
+        res = evaluate(model, batches, precision=cfg.precision)
+        del model, state  # nothing keeps the evaluated record alive (a refused merge is released)
         log(INFO, "round %d: held-out loss %.4f, perplexity %.2f (%d tokens)", rnd, res["loss"],
             res["perplexity"], res["num_tokens"])
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})

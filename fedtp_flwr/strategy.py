@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,13 +25,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
 from flwr.supercore import log
 
-from .aggregation import Contribution, aggregate_slices
+from .aggregation import Contribution, WeightedFold
 from .config import RunConfig
 from .context import context_rest, quantize_rest, rest_to_arrays
 from .model import ModelArgs
 from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
 from .robust import outliers, robust_aggregate_slices, update_rms
 from .sharding import shard, slice_shapes
+from .streaming import Outstanding, receive
 from .wire import decode, encode, record_nbytes
 
 
@@ -72,6 +74,33 @@ def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
     share a rank are averaged). With swapping, every rank moves by +1 every `swap_period` rounds."""
     shift = (server_round - 1) // swap_period if enable_swapping else 0
     return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids))}
+
+
+def _encode_releasing(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A merged float32 state dict -> ArrayRecord, one tensor at a time, each dropped from `state` once copied
+    into its record: the merge output and its encoded form never exist side by side."""
+    record = ArrayRecord()
+    for k in list(state):
+        record[k] = Array(state.pop(k).contiguous().numpy())
+    return record
+
+
+@dataclass
+class _Round:
+    """One round's training replies as they arrive. A checked reply is folded into `fold` and released;
+    held only while it waits for the outlier median (`waiting`: at most two, the round's first replies), or
+    with a robust rank-merge (`held`: every valid reply, since a median needs them all at once)."""
+    number: int
+    ranks: dict[int, int]
+    old: dict  # the global model this round's slices were cut from (read-only views)
+    fold: WeightedFold | None  # the weighted mean; None with a robust rank-merge
+    judge: bool  # the outlier check applies (outlier-norm-factor > 0 and >= 3 nodes were sent slices)
+    seen: set = field(default_factory=set)  # nodes that replied (valid or not)
+    accepted: list = field(default_factory=list)  # (node, rank, weight, metrics) of each reply merged
+    waiting: list = field(default_factory=list)  # (node, Contribution, metrics, index in norms)
+    held: list = field(default_factory=list)  # Contributions for a robust rule
+    norms: list = field(default_factory=list)  # update RMS of each checked reply, in arrival order
+    received: int = 0  # array bytes received
 
 
 class FederatedTensorParallel(Strategy):
@@ -167,70 +196,119 @@ class FederatedTensorParallel(Strategy):
             out.append((node, msg))
         return out
 
-    def _valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, Contribution, dict]]:
-        """(node, contribution, metrics) of each reply that passed the checks and is not an outlier."""
-        ranks = self.ranks.get(server_round, {})
-        good, received = [], 0
-        replies = self._first_replies(server_round, replies, "training")
-        for node, msg in replies:
-            if not msg.has_error() and isinstance(msg.content.get("arrays") if "arrays" in msg.content else None,
-                                                  ArrayRecord):
-                received += record_nbytes(msg.content["arrays"])
-            try:
-                if node not in ranks and not msg.has_error():  # an error reply: its reason says more
-                    raise ReplyError("this node was not sent a slice in this round")
-                checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples)
-            except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee: no reply stops the run
-                log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", server_round, node, ranks.get(node),
-                    _why(e))
-                continue
-            good.append((node, Contribution(ranks[node], checked.state, checked.num_examples), checked.metrics))
-        for node in sorted(set(ranks) - {n for n, _ in replies}):
-            log(WARNING, "round %d: no reply from node %d (rank %d) within round-timeout %g s", server_round, node,
-                ranks[node], self.cfg.round_timeout)
-        if self.cfg.outlier_norm_factor > 0 and len(good) >= 3:
-            global_state = decode(self.current, "float32", dtype=None, copy=False)
-            norms = [update_rms(global_state, c, self.args, self.world_size, self.cfg.vocab_parallel) for _, c, _ in good]
-            bad = outliers(norms, self.cfg.outlier_norm_factor)
-            for i in sorted(bad):
-                log(WARNING, "round %d: dropping reply from node %d (rank %d): %s", server_round, good[i][0],
-                    good[i][1].rank, bad[i])
-            good = [g for i, g in enumerate(good) if i not in bad]
-        log(INFO, "round %d: %d valid repl%s, %.1f MB received", server_round, len(good),
-            "y" if len(good) == 1 else "ies", received / 1e6)
-        return good
-
-    def _merge(self, global_state: dict, contributions: list[Contribution]) -> dict:
-        weighting = self.cfg.effective_merge_weighting
+    def _open_round(self, server_round: int) -> _Round:
+        global_state = decode(self.current, "float32", dtype=None, copy=False) if self.current is not None else {}
+        fold = None
         if self.cfg.rank_merge == "mean":
-            return aggregate_slices(global_state, contributions, self.args, self.world_size, weighting,
-                                    self.cfg.vocab_parallel)
-        return robust_aggregate_slices(global_state, contributions, self.args, self.world_size, self.cfg.rank_merge,
-                                       self.cfg.trimmed_mean_beta, weighting, self.cfg.vocab_parallel)
+            fold = WeightedFold(global_state, self.args, self.world_size, self.cfg.effective_merge_weighting,
+                                self.cfg.vocab_parallel)
+        ranks = self.ranks.get(server_round, {})
+        return _Round(server_round, ranks, global_state, fold,
+                      judge=self.cfg.outlier_norm_factor > 0 and len(ranks) >= 3)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good = self._valid_replies(server_round, replies)
-        if len(good) < self.cfg.min_train_nodes:
+    def _take_reply(self, rnd: _Round, msg: Message) -> None:
+        """Check one training reply and fold it in (or hold it: see _Round); it is not referenced afterwards."""
+        node = self._reply_node(rnd.number, msg)
+        sent_ids = {md.message_id for md in self._sent.get(rnd.number, []) if md.message_id}
+        if sent_ids and msg.metadata.reply_to_message_id not in sent_ids:
+            log(WARNING, "round %d: dropping training reply from node %d: it answers no message of this round "
+                "(a late reply)", rnd.number, node)
+            return
+        if node in rnd.seen:
+            log(WARNING, "round %d: dropping training reply from node %d: a second reply from this node in this "
+                "round (only the first counts)", rnd.number, node)
+            return
+        rnd.seen.add(node)
+        if not msg.has_error() and isinstance(msg.content.get("arrays") if "arrays" in msg.content else None,
+                                              ArrayRecord):
+            rnd.received += record_nbytes(msg.content["arrays"])
+        ranks = rnd.ranks
+        try:
+            if node not in ranks and not msg.has_error():  # an error reply: its reason says more
+                raise ReplyError("this node was not sent a slice in this round")
+            checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples)
+        except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee: no reply stops the run
+            log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", rnd.number, node, ranks.get(node),
+                _why(e))
+            return
+        c = Contribution(ranks[node], checked.state, checked.num_examples)
+        if not rnd.judge:
+            self._accept(rnd, node, c, checked.metrics)
+            return
+        # Outlier check, online: each reply is compared with the median of the round's replies so far (itself
+        # included) once there are 3; the first two wait for the third.
+        rnd.norms.append(update_rms(rnd.old, c, self.args, self.world_size, self.cfg.vocab_parallel))
+        rnd.waiting.append((node, c, checked.metrics, len(rnd.norms) - 1))
+        if len(rnd.norms) < 3:
+            return
+        bad = outliers(rnd.norms, self.cfg.outlier_norm_factor)
+        waiting, rnd.waiting = rnd.waiting, []
+        for node, c, metrics, i in waiting:
+            if i in bad:
+                log(WARNING, "round %d: dropping reply from node %d (rank %d): %s", rnd.number, node, c.rank, bad[i])
+            else:
+                self._accept(rnd, node, c, metrics)
+
+    def _accept(self, rnd: _Round, node: int, c: Contribution, metrics: dict) -> None:
+        rnd.accepted.append((node, c.rank, c.weight, metrics))
+        if rnd.fold is not None:
+            rnd.fold.add(c)  # then released: the fold keeps no reference to the reply
+        else:
+            rnd.held.append(c)  # a robust rule needs every reply of the round at once
+
+    def _quorum_met(self, rnd: _Round) -> bool:
+        """round-quorum < 1: that fraction of the sampled nodes answered and every rank has a valid reply."""
+        q = self.cfg.round_quorum
+        if q >= 1 or len(rnd.seen) < math.ceil(q * len(rnd.ranks)):
+            return False
+        valid = {rank for _, rank, _, _ in rnd.accepted} | {c.rank for _, c, _, _ in rnd.waiting}
+        return set(rnd.ranks.values()) <= valid
+
+    def _close_round(self, rnd: _Round, quorum_ended: bool = False) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for node, c, metrics, _ in rnd.waiting:  # fewer than 3 replies checked: no median to compare with
+            self._accept(rnd, node, c, metrics)
+        rnd.waiting = []
+        why = (f"before the round ended at round-quorum {self.cfg.round_quorum:g}; a late reply is dropped"
+               if quorum_ended else f"within round-timeout {self.cfg.round_timeout:g} s")
+        for node in sorted(set(rnd.ranks) - rnd.seen):
+            log(WARNING, "round %d: no reply from node %d (rank %d) %s", rnd.number, node, rnd.ranks[node], why)
+        n = len(rnd.accepted)
+        log(INFO, "round %d: %d valid repl%s, %.1f MB received", rnd.number, n, "y" if n == 1 else "ies",
+            rnd.received / 1e6)
+        if n < self.cfg.min_train_nodes:
             log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; round skipped, global model kept",
-                server_round, len(good), self.cfg.min_train_nodes)
+                rnd.number, n, self.cfg.min_train_nodes)
             return None, None
-        contributions = [c for _, c, _ in good]
-        untrained = sorted(set(range(self.world_size)) - {c.rank for c in contributions})
+        untrained = sorted(set(range(self.world_size)) - {rank for _, rank, _, _ in rnd.accepted})
         if untrained:
-            log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", server_round, untrained)
-        global_state = decode(self.current, "float32", dtype=None, copy=False)
-        merged_record = encode(self._merge(global_state, contributions), "float32")
-        metrics = reduce_metrics((c.weight, m) for _, c, m in good)
+            log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", rnd.number, untrained)
+        if rnd.fold is not None:
+            merged = rnd.fold.result()
+        else:
+            merged = robust_aggregate_slices(rnd.old, rnd.held, self.args, self.world_size, self.cfg.rank_merge,
+                                             self.cfg.trimmed_mean_beta, self.cfg.effective_merge_weighting,
+                                             self.cfg.vocab_parallel)
+            rnd.held = []
+        merged_record = _encode_releasing(merged)
+        metrics = reduce_metrics((w, m) for _, _, w, m in rnd.accepted)
         # The inner rule's state (FedAvgM momentum, FedOpt moments) as it was before this round: Flower's rules
         # rebind those attributes to new objects rather than change them in place, so a shallow copy keeps them.
         self._inner_before = dict(vars(self.inner))
         if type(self.inner) in (FedAvg, FedProx):
             return merged_record, metrics  # their rule on one reply is the identity
-        total = sum(c.weight for c in contributions)
+        total = sum(w for _, _, w, _ in rnd.accepted)
         one_reply = Message(RecordDict({"arrays": merged_record, "metrics": MetricRecord({"num-examples": total})}),
                             dst_node_id=0, message_type=MessageType.TRAIN)
-        arrays, _ = self.inner.aggregate_train(server_round, [one_reply])
+        arrays, _ = self.inner.aggregate_train(rnd.number, [one_reply])
         return _as_float32(arrays), metrics
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's Strategy call with a round's replies: each is checked and folded in as it comes out of
+        `replies` (start() feeds them straight from the grid instead, one at a time)."""
+        rnd = self._open_round(server_round)
+        for msg in replies:
+            self._take_reply(rnd, msg)
+        return self._close_round(rnd)
 
     # The inner rules' state between rounds (FedOpt's moments, FedAvgM's momentum): what a checkpoint must hold
     # for a resumed run to equal an uninterrupted one. FedOpt's/FedAvgM's current arrays are the global model.
@@ -351,8 +429,13 @@ class FederatedTensorParallel(Strategy):
             t0 = time.time()
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid), timeout=timeout)
-            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            # Replies are pulled one at a time, checked and folded in as they arrive (streaming.receive).
+            messages = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+            state, outstanding = self._open_round(rnd), Outstanding()
+            for msg in receive(grid, messages, timeout, outstanding, enough=lambda: self._quorum_met(state)):
+                self._take_reply(state, msg)
+            new_arrays, train_metrics = self._close_round(state, quorum_ended=bool(outstanding) and self._quorum_met(state))
+            del state
             if new_arrays is not None:
                 new_metrics = evaluate_fn(rnd, new_arrays) if evaluate_fn else None
                 if (why := self._refuse(rnd, new_metrics, kept)) is not None:
@@ -369,7 +452,7 @@ class FederatedTensorParallel(Strategy):
                 result.train_metrics_clientapp[rnd] = train_metrics
             eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
             if eval_msgs:
-                eval_metrics = self.aggregate_evaluate(rnd, list(grid.send_and_receive(eval_msgs, timeout=timeout)))
+                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, eval_msgs, timeout, Outstanding())))
                 if eval_metrics is not None:
                     log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics
