@@ -434,6 +434,7 @@ class FederatedTensorParallel(Strategy):
             state, outstanding = self._open_round(rnd), Outstanding()
             for msg in receive(grid, messages, timeout, outstanding, enough=lambda: self._quorum_met(state)):
                 self._take_reply(state, msg)
+                del msg  # released before the next reply is pulled
             new_arrays, train_metrics = self._close_round(state, quorum_ended=bool(outstanding) and self._quorum_met(state))
             del state
             if new_arrays is not None:

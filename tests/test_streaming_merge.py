@@ -1,0 +1,194 @@
+"""Streaming aggregation: replies pulled one at a time, folded into running sums and released (issue 12).
+
+- the streamed merge equals aggregate_slices over the same valid replies bit for bit, with duplicates,
+  errors and late replies in the stream, under both weightings;
+- the number of replies alive at once does not grow with the number of nodes (in-process grid, counted
+  replies, not RSS);
+- a round ends at round-quorum or round-timeout, and the nodes left out are named.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from conftest import FakeGrid
+from fedtp_flwr.aggregation import Contribution, WeightedFold, aggregate_slices
+from fedtp_flwr.config import ConfigError, RunConfig
+from fedtp_flwr.inprocess import InProcessGrid
+from fedtp_flwr.model import ModelArgs, build_model
+from fedtp_flwr.strategy import FederatedTensorParallel
+from fedtp_flwr.wire import decode, encode
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
+
+
+def initial_state():
+    return {k: v.detach().clone() for k, v in build_model(ARGS, seed=0).state_dict().items()}
+
+
+def honest_reply(msg: Message, weight: int) -> tuple[Message, dict]:
+    node, rnd = msg.metadata.dst_node_id, msg.content["config"]["server-round"]
+    g = torch.Generator().manual_seed(100 * rnd + node)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in decode(msg.content["arrays"]).items()}
+    content = RecordDict({"arrays": encode(state), "metrics": MetricRecord({"num-examples": weight, "train-loss": 1.0})})
+    return Message(content, reply_to=msg), state
+
+
+class ScriptedGrid(FakeGrid):
+    """Push/pull as Flower's Grid: each pull of one message id returns its node's honest reply, plus what the
+    script adds: node 1 answers twice, node 4 fails, node 2's round-1 reply comes again in round 2 (late),
+    and nodes in `silent` never answer."""
+
+    def __init__(self, node_ids, silent=()):
+        super().__init__(node_ids)
+        self.queued, self.silent, self.seq = {}, set(silent), 0
+        self.accepted: list[tuple[int, Contribution]] = []  # (round, contribution) of every honest reply, in order
+        self.round1_reply_of_2 = None
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            self.seq += 1
+            m.metadata.__dict__["_message_id"] = mid = f"m{self.seq}"
+            self.queued[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        (mid,) = message_ids
+        msg = self.queued[mid]
+        node, rnd, rank = msg.metadata.dst_node_id, msg.content["config"]["server-round"], msg.content["config"]["rank"]
+        if node in self.silent:
+            return []
+        del self.queued[mid]
+        if node == 4:
+            return [Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)]
+        reply, state = honest_reply(msg, weight=node * 3)
+        self.accepted.append((rnd, Contribution(rank, state, node * 3)))
+        out = [reply]
+        if node == 1:
+            out.append(honest_reply(msg, weight=1000)[0])  # a second reply: only the first counts
+        if node == 2:
+            if rnd == 1:
+                self.round1_reply_of_2 = reply
+            else:
+                out.insert(0, self.round1_reply_of_2)  # last round's reply, arriving now
+        return out
+
+
+@pytest.mark.parametrize("weighting", ["per-rank", "all-clients"])
+def test_streamed_merge_equals_the_batch_merge_bit_for_bit(weighting, caplog):
+    cfg = RunConfig(world_size=2, merge_weighting=weighting, min_available_nodes=1)
+    s = FederatedTensorParallel(ARGS, cfg)
+    grid = ScriptedGrid([1, 2, 3, 4, 5])
+    recorded = {}
+    s.start(grid, encode(initial_state()), num_rounds=2, timeout=60,
+            record_fn=lambda rnd, arrays, m: recorded.__setitem__(rnd, decode(arrays)))
+    for rnd in (1, 2):
+        contributions = [c for r, c in grid.accepted if r == rnd]
+        assert len(contributions) == 4  # nodes 1, 2, 3, 5
+        want = aggregate_slices(recorded[rnd - 1], contributions, ARGS, 2, weighting)
+        assert all(torch.equal(recorded[rnd][k], want[k]) for k in want), rnd
+        assert not torch.equal(recorded[rnd]["norm.weight"], recorded[rnd - 1]["norm.weight"])  # not vacuous
+    text = caplog.text
+    assert "round 2: dropping training reply from node 2: it answers no message of this round (a late reply)" in text
+    assert "round 1: dropping training reply from node 1: a second reply from this node" in text
+    assert "round 1: dropping reply from node 4 (rank 1): error reply (code 2): ClientApp raised" in text
+
+
+def test_fold_of_one_reply_is_that_reply_exactly():
+    state = initial_state()
+    g = torch.Generator().manual_seed(1)
+    c = Contribution(0, {k: v + torch.randn(v.shape, generator=g) for k, v in state.items()}, 7)
+    merged = aggregate_slices(state, [c], ARGS, 1)
+    assert all(torch.equal(merged[k], c.state[k]) for k in state)  # as Flower's FedAvg: x * (7 / 7)
+
+
+def test_fold_keeps_no_reference_to_a_reply():
+    state = initial_state()
+    fold = WeightedFold(state, ARGS, 1)
+    reply = {k: v + 1 for k, v in state.items()}
+    alive = weakref.ref(reply["norm.weight"])
+    fold.add(Contribution(0, reply, 3))
+    del reply
+    gc.collect()
+    assert alive() is None
+    assert torch.equal(fold.result()["norm.weight"], state["norm.weight"] + 1)
+
+
+def live_replies_peak(n_nodes: int, **cfg) -> int:
+    """Most earlier replies still referenced by the server (its strategy, Flower's objects, the grid) whenever a
+    node makes its reply, over a round of `n_nodes` in-process nodes. The test keeps each reply's tensor
+    bytes (the first Array's data) and counts those with a reference besides its own."""
+    datas, peak = [], [0]
+
+    def live() -> int:  # no gc.collect(): a reply kept only by a reference cycle counts as alive
+        return sum(sys.getrefcount(d) > 3 for d in datas)  # 3: the list, the loop variable, getrefcount's argument
+
+    def handler(msg, run_cfg, node_config):
+        peak[0] = max(peak[0], live())
+        reply, _ = honest_reply(msg, weight=1 + msg.metadata.dst_node_id)
+        datas.append(next(iter(reply.content["arrays"].values())).data)
+        return reply
+
+    class Forgetful(InProcessGrid):  # the in-process grid without its inspection lists
+        def pull_messages(self, message_ids):
+            out = super().pull_messages(message_ids)
+            self.delivered.clear()
+            self.replies.clear()
+            return out
+
+    run = {"world-size": 2, "min-available-nodes": 1, **cfg}
+    grid = Forgetful([{}] * n_nodes, run, handler=handler)
+    s = FederatedTensorParallel(ARGS, RunConfig.from_run_config(run))
+    s.start(grid, encode(initial_state()), num_rounds=1, timeout=60)
+    assert len(datas) == n_nodes and live() == 0  # not vacuous; nothing is kept after the run
+    return peak[0]
+
+
+def test_replies_alive_at_once_do_not_grow_with_the_number_of_nodes():
+    # The outlier check holds a round's first two replies until a third gives a median; nothing else is held.
+    assert live_replies_peak(3) == live_replies_peak(9) == 2
+    assert live_replies_peak(3, **{"outlier-norm-factor": 0.0}) == live_replies_peak(9, **{"outlier-norm-factor": 0.0}) == 0
+
+
+def test_a_round_ends_at_round_quorum_and_names_the_late_node(caplog):
+    cfg = RunConfig(world_size=2, min_available_nodes=1, round_quorum=0.5, outlier_norm_factor=0.0)
+    s = FederatedTensorParallel(ARGS, cfg)
+    result = s.start(ScriptedGrid([2, 3, 5, 6], silent={6}), encode(initial_state()), num_rounds=1, timeout=600)
+    assert "round 1: no reply from node 6 (rank 1) before the round ended at round-quorum 0.5" in caplog.text
+    assert "round 1: 2 valid replies" in caplog.text  # nodes 2 and 3: half the nodes, both ranks
+    assert result.arrays is not None
+
+
+def test_a_round_ends_at_round_timeout_with_the_replies_it_has(caplog):
+    s = FederatedTensorParallel(ARGS, RunConfig(world_size=2, min_available_nodes=1))
+    result = s.start(ScriptedGrid([2, 3], silent={3}), encode(initial_state()), num_rounds=1, timeout=0.5)
+    assert "round 1: no reply from node 3 (rank 1) within round-timeout" in caplog.text
+    assert "round 1: 1 valid reply" in caplog.text and result.arrays is not None
+
+
+def test_round_quorum_is_a_fraction():
+    with pytest.raises(ConfigError, match="round-quorum.*1.5.*\\(0, 1\\]"):
+        RunConfig(round_quorum=1.5)
+    with pytest.raises(ConfigError, match="round-quorum"):
+        RunConfig.from_run_config({"round-quorum": 0.0})
+
+
+def test_a_grid_without_push_and_pull_still_works():
+    class OldGrid(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return [honest_reply(m, 5)[0] for m in messages]
+
+    s = FederatedTensorParallel(ARGS, RunConfig(world_size=2, min_available_nodes=1))
+    state = initial_state()
+    result = s.start(OldGrid([1, 2]), encode(state), num_rounds=1, timeout=5)
+    assert not torch.equal(decode(result.arrays)["norm.weight"], state["norm.weight"])
