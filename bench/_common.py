@@ -280,7 +280,8 @@ def _meminfo_total() -> int:
 
 
 def write_results(name: str, data: dict, out: Path | str | None = None) -> Path:
-    """bench/results/<name>.json (or `out`), with the command line, the time and the machine."""
+    """bench/results/<name>.json (or `out`), with the command line, the date, the machine and the script's wall
+    time so far (`wall_seconds`, since this process started: what the bench README's "time here" column quotes)."""
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -288,6 +289,7 @@ def write_results(name: str, data: dict, out: Path | str | None = None) -> Path:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "wall_seconds": round(_dt.datetime.now().timestamp() - _process_start(), 1),
         **data,
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -295,6 +297,14 @@ def write_results(name: str, data: dict, out: Path | str | None = None) -> Path:
     tmp.replace(path)
     print(f"\nwrote {os.path.relpath(path)}")
     return path
+
+
+def _process_start() -> float:
+    """This process's start time (Linux: /proc/self/stat's starttime after boot), in seconds since the epoch."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    booted = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                  if line.startswith("btime "))
+    return booted + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _json_default(o):

@@ -140,3 +140,15 @@ def test_server_merge_quick(tmp_path):
         assert isinstance(r["seconds"], float)
         assert all(is_int(r[k]) for k in ("inputs_rss", "peak_rss", "extra"))
     assert {"time_aim_met", "memory_aim_met"} <= set(doc["summary"])
+
+
+@pytest.mark.slow
+def test_main_run_records_every_rounds_held_out_loss(tmp_path):
+    """bench/main_run.py (the README's example numbers), on a byte-level model for speed."""
+    small = ['model="bytes-small"', 'tokenizer-path="bytes"', "local-steps=1", "eval-batches=1", "max-seq-len=32"]
+    doc = run_bench("main_run.py", "--rounds", "2", *[x for s in small for x in ("--set", s)], out=tmp_path / "m.json")
+    assert doc["run_config"]["model"] == "bytes-small" and doc["nodes"] == 2
+    assert sorted(doc["rounds"]) == ["0", "1", "2"]
+    assert all(r["loss"] > 0 and r["perplexity"] > 1 for r in doc["rounds"].values())
+    assert doc["rounds"]["1"]["valid_replies"] == 2 and doc["rounds"]["1"]["sent_mb"] > 0
+    assert doc["wall_seconds"] > 0
