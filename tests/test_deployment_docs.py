@@ -345,3 +345,20 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         survivors = g.stop_all()
         fh._TAG_PATHS.pop(g.tag, None)
     assert survivors == {}
+
+
+@pytest.mark.slow
+def test_register_without_the_connection_fails_with_exit_status_0(tmp_path: Path) -> None:
+    """What the guide says next to `flwr supernode register`: without the prod connection (section 4 skipped)
+    it fails, says so in its output, and still exits 0, so its output is what to read."""
+    blocks, _ = guide_blocks(GUIDE.read_text(encoding="utf-8"))
+    g = GuideRunner(tmp_path, blocks)
+    operator = Machine("operator", tmp_path / "home", tmp_path / "work")
+    operator.home.mkdir()
+    operator.cwd.mkdir()
+    _, pub = fh.make_node_keypair(operator.cwd, "node-key")
+    assert pub == operator.cwd / "node-key.pub"
+    rc, out = g.run("register", operator)
+    assert rc == 0, out
+    answer = json.loads(out)
+    assert answer["success"] is False and "SuperLink connection 'prod' not found" in answer["error-message"], out
