@@ -18,7 +18,8 @@ import torch
 
 from fedtp_flwr.checkpoint import export_hf, load_checkpoint, load_model
 from fedtp_flwr.config import ConfigError
-from fedtp_flwr.data import DataError, HFTokenizer, Tokenizer, build_dataset, load_examples, load_tokenizer
+from fedtp_flwr.data import (Chat, DataError, HFTokenizer, Tokenizer, build_dataset, encode_chat, encode_prompt,
+                             load_examples, load_tokenizer)
 from fedtp_flwr.export import export_run_checkpoint
 from fedtp_flwr.outputs import read_results
 
@@ -153,6 +154,9 @@ def test_llama3_tokenizer_json_gives_the_tiktoken_ids(tmp_path):
     assert hf.encode(" <|eot_id|>", bos=False, eos=False) == tiktoken_tok.encode(" <|eot_id|>", bos=False, eos=False)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert auto(text, add_special_tokens=False)["input_ids"] == want[1:-1]
+    chat = [{"role": "user", "content": "Shall I compare thee to a summer's day?\n"}]
+    prompt = auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(prompt["input_ids"]) == encode_prompt([("user", chat[0]["content"])], tiktoken_tok)
 
 
 def test_an_exported_folder_carries_the_tokenizer_transformers_reads(tmp_path):
@@ -165,6 +169,13 @@ def test_an_exported_folder_carries_the_tokenizer_transformers_reads(tmp_path):
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "What is the capital of Peru?"
     assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text, bos=False, eos=False)
+    # the exported chat template renders what training rendered (transformers' apply_chat_template)
+    messages = [("system", "Be brief. "), ("user", "What is the capital of Peru?"), ("assistant", "Lima.")]
+    as_dicts = [{"role": r, "content": c} for r, c in messages]
+    want, _ = encode_chat(Chat(tuple((r, c.strip()) for r, c in messages), "s"), tok)
+    assert list(auto.apply_chat_template(as_dicts, tokenize=True, return_dict=True)["input_ids"]) == want
+    prompt = auto.apply_chat_template(as_dicts[:2], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(prompt["input_ids"]) == encode_prompt(messages[:2], tok)
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert tok.special_tokens["<|eot_id|>"] in generation["eos_token_id"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -94,13 +94,26 @@ def header_ids(tokenizer, role: str) -> list[int]:
             *tokenizer.encode("\n\n", bos=False, eos=False)]
 
 
+def _blank_line_then(tokenizer, content: str) -> tuple[list[int], list[int]]:
+    """("\\n\\n", content) as ids, encoded together as transformers encodes a rendered chat template (the text
+    between two special tokens is one piece), split where the blank line ends; separately when one token
+    spans both (no tokenizer tested here does that). For Llama 3 both ways give the same ids."""
+    together = tokenizer.encode("\n\n" + content, bos=False, eos=False)
+    for k in (1, 2):
+        if tokenizer.decode(together[:k]) == "\n\n":
+            return together[:k], together[k:]
+    return tokenizer.encode("\n\n", bos=False, eos=False), tokenizer.encode(content, bos=False, eos=False)
+
+
 def encode_chat(chat: Chat, tokenizer) -> tuple[list[int], list[bool]]:
     """(token ids, mask): mask[i] is True when token i is a response token the loss counts."""
-    eot = chat_token_ids(tokenizer)["<|eot_id|>"]
+    special = chat_token_ids(tokenizer)
     ids, mask = [tokenizer.bos_id], [False]
     for role, content in chat.messages:
-        head = header_ids(tokenizer, role)
-        body = tokenizer.encode(content, bos=False, eos=False) + [eot]
+        blank, body = _blank_line_then(tokenizer, content.strip())
+        head = [special["<|start_header_id|>"], *tokenizer.encode(role, bos=False, eos=False),
+                special["<|end_header_id|>"], *blank]
+        body = body + [special["<|eot_id|>"]]
         ids += head + body
         mask += [False] * len(head) + [role == "assistant"] * len(body)
     return ids, mask

@@ -348,16 +348,30 @@ def load_tokenizer(path: str | Path | None = None,
 HF_TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
+# The Llama 3 chat template, rendering exactly what chat.encode_chat / encode_prompt do (transformers'
+# apply_chat_template), for an exported tokenizer_config.json that has none.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer | ByteTokenizer | HFTokenizer, out_dir: str | Path) -> list[str]:
     """Write `tokenizer` into a Hugging Face folder as tokenizer.json + tokenizer_config.json, so that
     `transformers.AutoTokenizer.from_pretrained(out_dir)` gives the same ids. A tokenizer.json is copied with
     the configs beside it; a tiktoken tokenizer.model is converted with transformers' TikTokenConverter
-    (when transformers is installed). Returns the names written ([] when the tokenizer cannot be written:
-    the byte tokenizer, or tiktoken without transformers)."""
+    (when transformers is installed). A tokenizer with the Llama 3 chat tokens gets LLAMA3_CHAT_TEMPLATE
+    when its config has no chat template. Returns the names written ([] when the tokenizer cannot be
+    written: the byte tokenizer, or tiktoken without transformers)."""
     import shutil
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = {i: n for n, i in tokenizer.special_tokens.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(tokenizer.bos_id),
+              "eos_token": names.get(tokenizer.eos_id), "pad_token": names.get(tokenizer.pad_id)}
     if isinstance(tokenizer, HFTokenizer):
         src = Path(tokenizer.path)
         shutil.copyfile(src, out_dir / "tokenizer.json")
@@ -365,20 +379,20 @@ def save_hf_tokenizer(tokenizer: Tokenizer | ByteTokenizer | HFTokenizer, out_di
         for name in written[1:]:
             shutil.copyfile(src.parent / name, out_dir / name)
         if "tokenizer_config.json" in written:
-            return written
+            config = _read_config(out_dir / "tokenizer_config.json")
+            written.remove("tokenizer_config.json")
     elif isinstance(tokenizer, Tokenizer):
         try:
             from transformers.convert_slow_tokenizer import TikTokenConverter
         except ImportError:
             return []
-        names = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
         TikTokenConverter(vocab_file=str(tokenizer.path), pattern=SPLIT_PATTERN,
-                          extra_special_tokens=names).converted().save(str(out_dir / "tokenizer.json"))
+                          extra_special_tokens=sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+                          ).converted().save(str(out_dir / "tokenizer.json"))
         written = ["tokenizer.json"]
     else:
         return []
-    names = {i: n for n, i in tokenizer.special_tokens.items()}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(tokenizer.bos_id),
-              "eos_token": names.get(tokenizer.eos_id), "pad_token": names.get(tokenizer.pad_id)}
+    if "chat_template" not in config and all(t in tokenizer.special_tokens for t in _CHAT_TOKENS):
+        config["chat_template"] = LLAMA3_CHAT_TEMPLATE
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return written + ["tokenizer_config.json"]
