@@ -65,16 +65,18 @@ class WeightedFold:
     def _views(self, state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
         return shard(state, self.args, rank, self.world_size, self.vocab_parallel)
 
-    def add(self, c: Contribution) -> None:
-        if self.sums is None:  # calloc'd: pages are touched by the first fold, not here
+    def add(self, c: Contribution, release: bool = False) -> None:
+        """Fold c in. release=True empties c.state as it goes (each tensor dropped once added), so that a reply
+        nothing else references is freed a tensor at a time while the sums' pages fill."""
+        if self.sums is None:  # calloc'd: a page is resident once the first fold writes it, not before
             self.sums = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in self.old.items()}
         dst = self._views(self.sums, c.rank)
         old = self._views(self.old, c.rank)
         w = float(c.weight)
         self.ref = self.ref or w
         self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
-        for k, x in c.state.items():  # one tensor-sized temporary at a time
-            x = x.float()
+        for k in list(c.state):  # one tensor-sized temporary at a time
+            x = (c.state.pop(k) if release else c.state[k]).float()
             if rule_for(k, self.vocab_parallel) is REPLICATE:
                 dst[k].add_(x, alpha=w / self.ref)
                 continue

@@ -252,7 +252,7 @@ class FederatedTensorParallel(Strategy):
     def _accept(self, rnd: _Round, node: int, c: Contribution, metrics: dict) -> None:
         rnd.accepted.append((node, c.rank, c.weight, metrics))
         if rnd.fold is not None:
-            rnd.fold.add(c)  # then released: the fold keeps no reference to the reply
+            rnd.fold.add(c, release=True)  # the fold keeps no reference to the reply
         else:
             rnd.held.append(c)  # a robust rule needs every reply of the round at once
 

@@ -1,0 +1,154 @@
+"""Server memory against the number of clients: the real app through a SuperLink and N SuperNodes on 127.0.0.1.
+
+For each N (default 2, 4, 8) a fresh deployment (tests/flower_harness.py: Deployment, which stops every
+process it started) runs `flwr run` of this app on a model written here as a Meta checkpoint (default
+~67M parameters: dim 1024, 6 layers, byte tokenizer, so that its float32 size, not the processes' baseline,
+dominates the ServerApp), W=2, bfloat16 slices, 2 rounds of 1 local step, the default outlier check on.
+N > W: several nodes train each rank (TP x DP). The ServerApp logs its own peak RSS (VmHWM) and its RSS at
+start (server.py); the deployment's processes are also sampled every 0.25 s.
+
+The streaming server holds, at a round's peak: the global model (float32 record, M), the running sums (M,
+which become the merged record), the reply being pulled (R bytes of bf16 arrays, times what Flower's
+transport adds while inflating it), and while the outlier check waits for a third reply, the round's first
+two. Nothing of that grows with N. The 3B figure is that accounting with the measured per-reply factor
+k = (peak - start - 2M) / R (the largest over the runs): peak(3B) = start + 2 M(3B) + k R(3B).
+
+    nice -n 10 python bench/server_scaling.py             # ~10-20 min, ~10 GB of memory at N = 8
+    python bench/server_scaling.py --clients 2,3 --dim 256 --layers 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import _common
+
+sys.path.insert(0, str(_common.REPO_ROOT / "tests"))
+from flower_harness import Deployment, find_tagged_processes  # noqa: E402
+
+from fedtp_flwr.checkpoint import save_meta_checkpoint  # noqa: E402
+from fedtp_flwr.model import ModelArgs, build_model  # noqa: E402
+
+PEAK_RE = re.compile(r"ServerApp memory: peak RSS ([\d.]+) GB, RSS at start ([\d.]+) GB")
+MB_RE = re.compile(r"round (\d+): (\d+) valid repl\w+, ([\d.]+) MB received")
+
+
+def _vm(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return 0
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def bench_args(a) -> ModelArgs:
+    return ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64, n_kv_heads=max(2, a.dim // 256),
+                     vocab_size=260, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000.0,
+                     use_scaled_rope=True)
+
+
+def one_run(n: int, ckpt: Path, work: Path, a) -> dict:
+    cfg = {"checkpoint-dir": str(ckpt), "tokenizer-path": "bytes", "world-size": a.world_size,
+           "wire-dtype": a.wire_dtype, "num-server-rounds": a.rounds, "local-steps": 1, "batch-size": 1,
+           "max-seq-len": 16, "eval-batches": 1, "max-batch-size": 1, "min-available-nodes": n, "device": "cpu",
+           "checkpoint-every": 0, "output-dir": str(work / f"out-{n}")}
+    sampled = {"together": 0, "serverapp": 0}
+    stop = threading.Event()
+
+    def sample(tag: str):
+        while not stop.wait(0.25):
+            procs = find_tagged_processes(tag)
+            sampled["together"] = max(sampled["together"], sum(_vm(p, "VmRSS") for p in procs))
+            for pid, cmd in procs.items():
+                if "flwr-serverapp" in cmd:
+                    sampled["serverapp"] = max(sampled["serverapp"], _vm(pid, "VmHWM"))
+
+    t0 = time.perf_counter()
+    configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    with Deployment(num_supernodes=n, node_configs=configs) as dep:
+        sampler = threading.Thread(target=sample, args=(dep.tag,), daemon=True)
+        sampler.start()
+        run = dep.run(_common.REPO_ROOT, cfg, timeout_s=a.timeout_s)
+        stop.set()
+        sampler.join()
+        if not run.ok:
+            print(run.describe(), file=sys.stderr)
+            for node in dep.supernodes:
+                print(node.output[-2000:], file=sys.stderr)
+            raise SystemExit(f"the Flower run with {n} clients did not complete")
+    m = PEAK_RE.search(run.log_text)
+    if not m:
+        raise SystemExit(f"no ServerApp memory line in the log of the run with {n} clients")
+    received = [(int(r), int(v), float(mb)) for r, v, mb in MB_RE.findall(run.log_text)]
+    if any(v != n for _, v, _ in received):
+        raise SystemExit(f"not every reply was valid with {n} clients: {received}")
+    return {"clients": n, "peak_rss_bytes": int(float(m.group(1)) * 1e9), "rss_at_start_bytes": int(float(m.group(2)) * 1e9),
+            "sampled_serverapp_peak_bytes": sampled["serverapp"], "all_processes_peak_bytes": sampled["together"],
+            "received_mb_per_round": [mb for _, _, mb in received], "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="2,4,8")
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--wire-dtype", default="bfloat16")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    args = bench_args(a)
+    clients = [int(x) for x in a.clients.split(",")]
+    counts = _common.param_counts(args, a.world_size)
+    model_bytes = 4 * sum(t.numel() for t in build_model(args, device="meta", seed=None).state_dict().values())
+    reply_bytes = counts["total"] * (2 if a.wire_dtype != "float32" else 4)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="server-scaling-") as tmp:
+        work = Path(tmp)
+        save_meta_checkpoint(build_model(args, seed=0).state_dict(), args, work / "model")
+        for n in clients:
+            r = one_run(n, work / "model", work, a)
+            print(f"  {n} clients: ServerApp peak {r['peak_rss_bytes'] / 1e9:.2f} GB (start "
+                  f"{r['rss_at_start_bytes'] / 1e9:.2f} GB), all processes {r['all_processes_peak_bytes'] / 1e9:.2f} GB, "
+                  f"{r['seconds']:.0f} s", file=sys.stderr)
+            runs.append(r)
+    peaks = {str(r["clients"]): r["peak_rss_bytes"] for r in runs}
+    ratio = runs[-1]["peak_rss_bytes"] / runs[0]["peak_rss_bytes"]
+    k = max((r["peak_rss_bytes"] - r["rss_at_start_bytes"] - 2 * model_bytes) / reply_bytes for r in runs)
+
+    # The same accounting at Llama 3.2 3B, W=2, bfloat16 replies (the start RSS as measured here).
+    b3 = _common.model_args("llama3.2-3b")
+    m3 = 4 * sum(t.numel() for t in build_model(b3, device="meta", seed=None).state_dict().values())
+    r3 = 2 * _common.param_counts(b3, 2)["total"]
+    start = max(r["rss_at_start_bytes"] for r in runs)
+    peak3 = start + 2 * m3 + k * r3
+    before = {str(n): (start + m3 * 3 + n * 4.6 * r3) / 1e9 for n in (2, 4, 8)}  # send_and_receive: every reply at once
+    analytic = {"model_gb": m3 / 1e9, "reply_gb": r3 / 1e9, "per_reply_factor_k": k, "server_peak_gb": peak3 / 1e9,
+                "server_peak_vs_model": peak3 / m3, "budget_gb": 3 * m3 / 1e9, "within_budget": peak3 <= 3 * m3,
+                "clients": "any",
+                "before_streaming_gb_rough": before}
+    rows = [[r["clients"], f"{r['peak_rss_bytes'] / 1e9:.2f}", f"{r['rss_at_start_bytes'] / 1e9:.2f}",
+             f"{r['peak_rss_bytes'] / runs[0]['peak_rss_bytes']:.3f}", f"{r['all_processes_peak_bytes'] / 1e9:.2f}",
+             f"{r['seconds']:.0f}"] for r in runs]
+    _common.table(["clients", "ServerApp peak GB", "at start GB", "peak / peak(first)", "all processes GB", "s"], rows,
+                  title=f"{model_bytes / 4 / 1e6:.0f}M parameters (float32 {model_bytes / 1e9:.2f} GB), "
+                        f"W={a.world_size}, {a.wire_dtype} replies of {reply_bytes / 1e9:.3f} GB, real SuperLink + N SuperNodes")
+    print(f"\npeak({clients[-1]}) / peak({clients[0]}) = {ratio:.3f} (aim <= 1.15); 3B W=2 bf16: "
+          f"{peak3 / 1e9:.1f} GB = {peak3 / m3:.2f} x the float32 model (aim <= 3x = {3 * m3 / 1e9:.1f} GB)")
+    result = {"model_bytes": model_bytes, "reply_bytes": reply_bytes, "peak_rss_bytes": peaks,
+              "peak_ratio": ratio, "ratio_aim_met": ratio <= 1.15, "3b_analytic_gb": analytic, "runs": runs,
+              "model_args": args.to_params(), "world_size": a.world_size, "wire_dtype": a.wire_dtype}
+    _common.write_results("server_scaling", result, a.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
