@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .data.files import FORMATS as DATA_FORMATS
 # Each set of choices is declared once, next to the code that implements it; the keys below use them.
 from .aggregation import WEIGHTINGS
 from .data.partition import SCHEMES
 from .quant import BITS
 from .robust import RULES
-from .training import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS
+from .data.files import FORMATS as DATA_FORMATS
+from .training import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS, SettingError, TrainSettings
 from .wire import WIRE_DTYPES
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
@@ -24,6 +24,11 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"
 SLICE_MODES = ("independent", "context")
 MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
 RANK_MERGES = ("mean",) + RULES
+# Keys whose values a client's TrainSettings takes as they are: TrainSettings' own checks are their rules
+# (RunConfig.__post_init__ runs them at start and names the key), so each rule is written once.
+TRAIN_SETTINGS_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_schedule", "warmup_steps", "local_steps",
+                         "grad_accum_steps", "precision", "gradient_checkpointing", "device", "seed", "proximal_mu",
+                         "optimizer", "optimizer_in_backward", "loss_chunk_tokens")
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
@@ -40,7 +45,7 @@ class RunConfig:
     enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds")
     swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1)
     strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class)", choices=STRATEGIES)
-    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", minimum=0.0)
+    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu")
     server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM server lr / FedOpt eta", minimum=0.0, exclusive_min=True)
     server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
@@ -73,21 +78,21 @@ class RunConfig:
     max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
     eval_batches: int = _key("eval-batches", 8, "held-out batches per evaluation (0: all)", minimum=0)
     # -- local training
-    learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate", minimum=0.0, exclusive_min=True)
-    weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)", minimum=0.0)
+    learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate")
+    weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)")
     batch_size: int = _key("batch-size", 4, "sequences per micro-batch", minimum=1)
     max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1)
-    local_steps: int = _key("local-steps", 10, "optimizer steps per client per round", minimum=1)
+    local_steps: int = _key("local-steps", 10, "optimizer steps per client per round")
     local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0)
-    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", minimum=1)
-    max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", minimum=0.0)
+    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step")
+    max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)")
     lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=LR_SCHEDULES)
-    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", minimum=0)
+    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule")
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward")
     optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS)
     client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=tuple(PARAM_DTYPES))
     optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)")
-    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", minimum=0)
+    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)")
     device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS)
     seed: int = _key("seed", 42, "seed for init, data order and sampling")
@@ -98,7 +103,14 @@ class RunConfig:
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")
 
     def __post_init__(self):
-        """Checks that involve several keys (each key alone is checked by from_run_config)."""
+        """Checks that involve several keys, and the training keys' rules (TrainSettings'; each other key alone
+        is checked by from_run_config)."""
+        try:
+            TrainSettings(**{name: getattr(self, name) for name in TRAIN_SETTINGS_FIELDS})
+        except SettingError as e:
+            keys = {f.name: f.metadata["key"] for f in fields(self)}
+            raise ConfigError(f"config key {keys[e.field]!r}: {e.value!r} is not allowed; it must be "
+                              f"{e.rule_with(lambda name: repr(keys.get(name, name)))}") from None
         if self.vocab_parallel and self.slice_mode != "context":
             raise ConfigError('config key \'vocab-parallel\': true needs slice-mode = "context": an independent '
                               "sub-model has no other vocabulary rows to take its softmax over")
@@ -111,10 +123,6 @@ class RunConfig:
         if 0 < self.max_loss_increase < 1:
             raise ConfigError(f"config key 'max-loss-increase': {self.max_loss_increase!r} is not allowed; it must be 0 "
                               "(off) or >= 1 (a factor on the previous round's held-out loss)")
-        if self.optimizer_in_backward and (self.max_grad_norm or self.grad_accum_steps != 1):
-            raise ConfigError("config key 'optimizer-in-backward': true steps each parameter during backward, so it "
-                              "cannot clip the global gradient norm or accumulate micro-batches: set max-grad-norm = 0 "
-                              f"and grad-accum-steps = 1 (got {self.max_grad_norm} and {self.grad_accum_steps})")
 
     @property
     def effective_merge_weighting(self) -> str:

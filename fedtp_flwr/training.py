@@ -15,7 +15,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -26,7 +26,7 @@ from .chunked_loss import chunked_token_loss
 from .data.loss import IGNORE_INDEX, perplexity, token_loss  # the one definition of the loss
 
 __all__ = [
-    "IGNORE_INDEX", "InBackwardOptimizer", "OPTIMIZERS", "TrainSettings", "add_proximal_grad", "autocast_dtype",
+    "IGNORE_INDEX", "InBackwardOptimizer", "OPTIMIZERS", "SettingError", "TrainSettings", "add_proximal_grad", "autocast_dtype",
     "evaluate", "lr_at", "make_optimizer", "param_groups", "resolve_device", "set_lr", "token_loss", "train_local",
 ]
 
@@ -39,6 +39,19 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 # dtypes a client may hold its trainable weights in (run-config key client-param-dtype).
 PARAM_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class SettingError(ValueError):
+    """An invalid TrainSettings field. `rule` names other fields as {field_name} placeholders, so that the run
+    configuration can say the same with its own key names (config.RunConfig checks its training keys here)."""
+
+    def __init__(self, field: str, value: object, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"TrainSettings.{field}={value!r} is invalid; allowed: {self.rule_with(lambda name: name)}")
+
+    def rule_with(self, name) -> str:
+        """The rule with every {field} placeholder written as name(field)."""
+        return self.rule.format_map({f.name: name(f.name) for f in fields(TrainSettings)})
 
 
 @dataclass
@@ -71,7 +84,7 @@ class TrainSettings:
 
     def __post_init__(self):
         def bad(field: str, allowed: str):
-            return ValueError(f"TrainSettings.{field}={getattr(self, field)!r} is invalid; allowed: {allowed}")
+            return SettingError(field, getattr(self, field), allowed)
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -118,10 +131,9 @@ class TrainSettings:
         if not isinstance(self.optimizer_in_backward, bool):
             raise bad("optimizer_in_backward", "True or False")
         if self.optimizer_in_backward and (self.grad_accum_steps != 1 or self.max_grad_norm):
-            raise ValueError(
-                "optimizer_in_backward steps each parameter during backward, so it cannot accumulate gradients "
-                "over micro-batches or clip their global norm: it needs grad_accum_steps=1 and max_grad_norm=0, "
-                f"got grad_accum_steps={self.grad_accum_steps}, max_grad_norm={self.max_grad_norm}")
+            raise bad("optimizer_in_backward", "False unless {grad_accum_steps} = 1 and {max_grad_norm} = 0 (it steps each "
+                      "parameter during backward, so it cannot accumulate micro-batches or clip the global gradient "
+                      f"norm; got {self.grad_accum_steps} and {self.max_grad_norm})")
         if not is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
             raise bad("loss_chunk_tokens", "an integer >= 0")
 

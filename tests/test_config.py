@@ -46,13 +46,16 @@ def test_small_gpu_recipes_parse_and_use_the_benchmarked_options(world_size):
 
 @pytest.mark.parametrize("key,value,match", [
     ("world-size", "2", "expected int"),
-    ("learning-rate", -1e-5, "must be > 0.0"),
-    ("learning-rate", 0, "must be > 0.0"),
+    ("learning-rate", -1e-5, "must be a finite number > 0"),
+    ("learning-rate", 0, "must be a finite number > 0"),
+    ("device", "tpu", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("lr-schedule", "linear", "choose one of"),
     ("strategy", "fedsgd", "choose one of"),
     ("enable-swapping", 1, "expected bool"),
     ("wire-dtype", "int8", "choose one of"),
     ("context-bits", 2, "choose one of"),
-    ("local-steps", 0, ">= 1"),
+    ("local-steps", 0, "an integer >= 1"),
+    ("max-grad-norm", -1.0, ">= 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -77,11 +77,11 @@ def test_fedprox_term_is_applied_in_backward_too(base):
 
 
 def test_settings_that_cannot_work_in_backward_are_refused():
-    with pytest.raises(ValueError, match="max_grad_norm=0"):
+    with pytest.raises(ValueError, match="max_grad_norm = 0"):
         TrainSettings(optimizer_in_backward=True)  # default clipping 1.0
-    with pytest.raises(ValueError, match="grad_accum_steps=1"):
+    with pytest.raises(ValueError, match="grad_accum_steps = 1"):
         TrainSettings(optimizer_in_backward=True, max_grad_norm=0, grad_accum_steps=2)
-    with pytest.raises(ConfigError, match="max-grad-norm = 0"):
+    with pytest.raises(ConfigError, match="'max-grad-norm' = 0"):
         RunConfig.from_run_config({"optimizer-in-backward": True})
     RunConfig.from_run_config({"optimizer-in-backward": True, "max-grad-norm": 0.0})
     with pytest.raises(ValueError, match="optimizer"):
