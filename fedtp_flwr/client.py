@@ -92,10 +92,16 @@ def _dataset(path: str, partition: tuple[int, int] | None, scheme: str, seed: in
     return build_dataset(examples, _tokenizer(*tokenizer), max_seq_len, pack=pack)
 
 
-def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "train") -> TokenDataset:
-    """This node's training (or held-out) data; see the module docstring."""
+def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "train",
+                  vocab_size: int | None = None) -> TokenDataset:
+    """This node's training (or held-out) data; see the module docstring. With `vocab_size` (the model's),
+    a tokenizer with more ids is refused: this node's tokenizer file is not the run's."""
     path_key = "data-path" if split == "train" else "eval-data-path"
     tokenizer = (cfg.tokenizer_path, cfg.checkpoint_dir)
+    if vocab_size is not None and (n_words := _tokenizer(*tokenizer).n_words) > vocab_size:
+        raise DataError(f"this node's tokenizer {_tokenizer(*tokenizer)!r} has {n_words} ids, more than the model's "
+                        f"vocab_size {vocab_size}: config keys 'tokenizer-path' / 'checkpoint-dir' name a path that "
+                        f"each node reads on its own disk, and here it holds another tokenizer")
     if path_key in node_config:
         return _dataset(str(node_config[path_key]), None, cfg.partitioning, cfg.seed, tokenizer,
                         cfg.max_seq_len, cfg.packing, cfg.data_format)
@@ -139,7 +145,7 @@ def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int)
 def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[ArrayRecord, MetricRecord]:
     job = SliceJob.from_config(content["config"])
     device = resolve_device(cfg.device)
-    data = local_dataset(cfg, node_config, "train")
+    data = local_dataset(cfg, node_config, "train", job.args.vocab_size)
     model = build_slice_model(job, content, device, param_dtype(cfg))
     received = content["arrays"]  # what this node was sent: its slice (it has just loaded into the sub-model)
     n_received = sum(math.prod(a.shape) for a in received.values())
@@ -166,7 +172,7 @@ def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str
     held-out data; not the merged model's quality."""
     job = SliceJob.from_config(content["config"])
     model = build_slice_model(job, content, resolve_device(cfg.device))
-    data = local_dataset(cfg, node_config, "eval")
+    data = local_dataset(cfg, node_config, "eval", job.args.vocab_size)
     res = evaluate(model, eval_batches(data, cfg.max_batch_size, cfg.eval_batches or None), precision=cfg.precision)
     return MetricRecord({"num-tokens": res["num_tokens"], "slice-loss": res["loss"],
                          "slice-perplexity": res["perplexity"]})

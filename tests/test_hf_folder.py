@@ -298,3 +298,19 @@ def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
     assert [r for r, _, _ in history] == [0, 1, 2]
     assert history[-1][1] < history[0][1] - 0.5, history
     assert (out / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth").is_file()
+
+
+def test_a_client_whose_tokenizer_does_not_fit_the_model_says_so(tmp_path):
+    """In deployment each node reads checkpoint-dir / tokenizer-path on its own disk; a different tokenizer
+    there is refused with both numbers, before any training."""
+    from fedtp_flwr.client import local_dataset
+    from fedtp_flwr.config import RunConfig
+
+    folder = make_folder(tmp_path / "hf")
+    n_words = load_tokenizer("", folder).n_words
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_records(COUNTRIES))
+    cfg = RunConfig.from_run_config({"checkpoint-dir": str(folder)})
+    assert local_dataset(cfg, {"data-path": str(data)}, "train", vocab_size=n_words).n_examples == len(COUNTRIES)
+    with pytest.raises(DataError, match=rf"this node's tokenizer .* has {n_words} ids, more than the model's "
+                                        rf"vocab_size {n_words - 1}"):
+        local_dataset(cfg, {"data-path": str(data)}, "train", vocab_size=n_words - 1)
