@@ -153,7 +153,9 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     strategy = FederatedTensorParallel(args, cfg)
     if "strategy_state" in extras:
         strategy.load_inner_state(extras["strategy_state"])
-    strategy.start(grid, encode(state), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+    initial = [encode(state)]  # from here on the model exists only as the strategy's global record
+    del state
+    strategy.start(grid, initial.pop(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
     log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,
         outputs.checkpoint_path(cfg.num_server_rounds).parent)

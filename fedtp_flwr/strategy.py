@@ -416,6 +416,7 @@ class FederatedTensorParallel(Strategy):
         log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
         self.summary()
         result, arrays = Result(), initial_arrays
+        del initial_arrays  # a record replaced by a merged one is freed (the caller keeps no reference either)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         kept = None  # the global model's server-side metrics
