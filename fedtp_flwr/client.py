@@ -110,8 +110,9 @@ def local_dataset(cfg: RunConfig, node_config: Mapping[str, Any], split: str = "
                         f"give this SuperNode --node-config '{path_key}=\"/path/to/data.jsonl\"'")
     source = (cfg.train_data if split == "train" else cfg.eval_data) or str(builtin_corpus_path(split))
     partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    data_format = cfg.data_format if (cfg.train_data if split == "train" else cfg.eval_data) else "text"
     return _dataset(source, partition, cfg.partitioning, cfg.seed, tokenizer, cfg.max_seq_len, cfg.packing,
-                    cfg.data_format)
+                    data_format)
 
 
 def local_step_count(cfg: RunConfig, n_rows: int) -> int:

@@ -114,7 +114,8 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
                           f"more than the model's vocab_size {args.vocab_size} (config key 'model' / "
                           f"'checkpoint-dir': {model_name(cfg)})")
     eval_path = cfg.eval_data or str(builtin_corpus_path("eval"))
-    held_out = build_dataset(load_examples(eval_path, cfg.data_format), tokenizer, cfg.max_seq_len, pack=cfg.packing)
+    data_format = cfg.data_format if cfg.eval_data else "text"  # the built-in corpus is text
+    held_out = build_dataset(load_examples(eval_path, data_format), tokenizer, cfg.max_seq_len, pack=cfg.packing)
     log(INFO, "fedtp-flwr: tokenizer %r; held-out %s: %d examples, %d target tokens%s", tokenizer, eval_path,
         held_out.n_examples, held_out.n_target_tokens, " (responses only)" if held_out.masks is not None else "")
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)

@@ -189,3 +189,20 @@ def test_held_out_loss_is_the_mean_nll_of_the_response_tokens(tmp_path, tok):
     assert len(ds) == 1 and mask[1:].sum() < len(row) - 1  # guard: some tokens were left out
     assert res["loss"] == pytest.approx(want, rel=1e-5)
     assert res["num_tokens"] == int(mask[1:].sum())
+
+
+@pytest.mark.slow  # one in-process round of the byte-level preset
+def test_chat_training_data_with_the_builtin_held_out_corpus(tmp_path):
+    """data-format = "chat" applies to the files the run names; the built-in corpus stays text. (The
+    byte tokenizer has no chat tokens, so the chat file is refused by name, after the held-out text
+    built.)"""
+    from fedtp_flwr.inprocess import InProcessGrid
+    from fedtp_flwr.server import run
+
+    cfg = {"model": "bytes-small", "tokenizer-path": "bytes", "data-format": "chat", "num-server-rounds": 1,
+           "local-steps": 1, "max-seq-len": 32, "eval-batches": 1, "min-available-nodes": 1,
+           "output-dir": str(tmp_path / "out"),
+           "train-data": str(jsonl(tmp_path / "c.jsonl", [CHAT] * 4))}
+    grid = InProcessGrid([{"partition-id": 0, "num-partitions": 1}], cfg)
+    run(grid, cfg)
+    assert grid.replies and all(r.has_error() and "chat format" in r.error.reason for r in grid.replies)
