@@ -107,9 +107,9 @@ def test_chat_prompt_ends_with_the_assistant_header():
 @pytest.mark.slow  # builds a HF folder with transformers and runs the CLI on it
 def test_cli_on_a_hf_folder_with_its_own_tokenizer_in_chat_mode(tmp_path, capsys):
     try:
-        from test_hf_folder import make_folder
+        from conftest import make_folder
     except ImportError:  # collected as a package
-        from tests.test_hf_folder import make_folder  # type: ignore
+        from tests.conftest import make_folder  # type: ignore
     folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<|begin_of_text|>",
                                                              "eos_token": "<|eot_id|>"})
     model, tok = load_for_generation(folder)

@@ -25,46 +25,10 @@ from fedtp_flwr.outputs import read_results
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA3_CHAT_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-                        "<|end_header_id|>", "<|eot_id|>"]
-SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM-style (49k-vocabulary Llama models)
-
-COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-             ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Cuba", "Havana"), ("Iran", "Tehran"),
-             ("Oman", "Muscat"), ("Mali", "Bamako")]
-
-
-def train_tokenizer(specials: list[str], vocab_size: int = 400):
-    """A byte-level BPE trained on the chat data's own words (deterministic, well under a second)."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = [f"What is the capital of {c}? The capital of {c} is {k}." for c, k in COUNTRIES] * 3
-    tok.train_from_iterator(text + ["user assistant system\n\n"], trainer)
-    return tok
-
-
-def make_folder(path: Path, *, specials=LLAMA3_CHAT_SPECIALS, tokenizer_config=None, vocab_size=None,
-                heads=(9, 3), tied=True, seed=0) -> Path:
-    """config.json + model.safetensors (transformers' own save_pretrained) + tokenizer.json (+ config)."""
-    tok = train_tokenizer(specials)
-    n_words = tok.get_vocab_size(with_added_tokens=True)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size or n_words, hidden_size=8 * heads[0], intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
-        bos_token_id=tok.token_to_id(specials[0]), eos_token_id=tok.token_to_id(specials[1]))
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    if tokenizer_config is not None:
-        (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return path
-
+try:
+    from conftest import COUNTRIES, LLAMA3_CHAT_SPECIALS, SMOL_SPECIALS, make_folder, train_tokenizer
+except ImportError:  # collected as a package
+    from tests.conftest import COUNTRIES, LLAMA3_CHAT_SPECIALS, SMOL_SPECIALS, make_folder, train_tokenizer  # type: ignore
 
 def chat_records(pairs) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"What is the capital of {c}?"},
