@@ -6,6 +6,10 @@ momentum, FedAdam/FedYogi/FedAdagrad's adaptive step). This class replaces only 
 changes: what each node is sent (its slice), how replies are checked, and how slices become one model.
 The inner strategy then sees a single reply holding the merged model, so its update rule applies to it
 exactly as it would to a plain FedAvg average.
+
+Replies stream: `start` pulls them one at a time (streaming.receive) and each is checked, folded into running
+sums (aggregation.WeightedFold) and released before the next, so the server's memory does not grow with the
+number of clients (README, "Server memory"). `aggregate_train` does the same over a list.
 """
 
 from __future__ import annotations
