@@ -1,6 +1,6 @@
 """Server memory against the number of clients: the real app through a SuperLink and N SuperNodes on 127.0.0.1.
 
-For each N (default 2, 4, 8) a fresh deployment (tests/flower_harness.py: Deployment, which stops every
+For each N (default 2, 4, 8) a fresh deployment (fedtp_flwr/flower_harness.py: Deployment, which stops every
 process it started) runs `flwr run` of this app on a model written here as a Meta checkpoint (default
 ~67M parameters: dim 1024, 6 layers, byte tokenizer, so that its float32 size, not the processes' baseline,
 dominates the ServerApp), W=2, bfloat16 slices, 2 rounds of 1 local step, the default outlier check on.
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import _common
 
-sys.path.insert(0, str(_common.REPO_ROOT / "tests"))
-from flower_harness import Deployment, find_tagged_processes  # noqa: E402
+from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
 
 from fedtp_flwr.checkpoint import save_meta_checkpoint  # noqa: E402
 from fedtp_flwr.model import ModelArgs, build_model  # noqa: E402

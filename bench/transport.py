@@ -1,6 +1,6 @@
 """Transport at real scale: a >= 1 GB bfloat16 slice to a client and back through a real Flower deployment.
 
-A SuperLink and one SuperNode on 127.0.0.1 (tests/flower_harness.py: Deployment, which also stops every
+A SuperLink and one SuperNode on 127.0.0.1 (fedtp_flwr/flower_harness.py: Deployment, which also stops every
 process it started), and `flwr run` of bench/transport_app: its ServerApp sends a prefix of the real
 Llama 3.2 3B world-size-2 slice (>= --min-bytes of random bfloat16 values, encoded by fedtp_flwr.wire) to
 the node; the ClientApp decodes it, re-encodes it and sends it back; the ServerApp checks the echo bit for
@@ -30,8 +30,7 @@ import time
 
 import _common
 
-sys.path.insert(0, str(_common.REPO_ROOT / "tests"))
-from flower_harness import Deployment, find_tagged_processes  # noqa: E402
+from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
 
 APP_DIR = _common.BENCH_DIR / "transport_app"
 

@@ -19,10 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import flower_harness as fh
-except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
-    from tests import flower_harness as fh  # type: ignore[no-redef]
+from fedtp_flwr import flower_harness as fh
 
 from fedtp_flwr.model import ModelArgs, Transformer, build_model, preset_args
 from fedtp_flwr.outputs import read_results

@@ -8,7 +8,7 @@ with two SuperNodes, and a third machine whose key was never registered. Only ho
 /srv/fedtp and /data paths and the <run-id> a previous command printed are substituted (`substitute`). A
 command is judged by its output, not only its exit status: `flwr supernode register` and `flwr run --stream`
 exit 0 when they fail. Every process the test starts carries a tag in its environment and is stopped in a
-`finally` (tests/flower_harness.py's terminate_tagged), also when a step fails.
+`finally` (fedtp_flwr/flower_harness.py's terminate_tagged), also when a step fails.
 
 The README's "Real deployment" block is checked (quick tier) to hold only commands that the guide's tested
 blocks contain, so it cannot drift from what runs.
@@ -30,10 +30,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import flower_harness as fh
-except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
-    from tests import flower_harness as fh  # type: ignore[no-redef]
+from fedtp_flwr import flower_harness as fh
 
 from fedtp_flwr.outputs import read_results
 

@@ -11,7 +11,7 @@ play of the built-in corpus); runs go through `flwr run <app> <connection> --str
   mid-round (SIGKILL, with its ClientApp) do not stop the run; the log names both nodes and why, and a rank
   nobody returned keeps its previous values.
 
-tests/flower_harness.py starts and stops the processes (none may be left behind: conftest.py's
+fedtp_flwr/flower_harness.py starts and stops the processes (none may be left behind: conftest.py's
 no_leftover_processes). The tests that start processes are marked slow.
 """
 
@@ -25,10 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import flower_harness as fh
-except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
-    from tests import flower_harness as fh  # type: ignore[no-redef]
+from fedtp_flwr import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_simulation.py
     from conftest import (APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks,

@@ -1,4 +1,4 @@
-"""Checks of tests/flower_harness.py against a toy Flower app generated into tmp_path.
+"""Checks of fedtp_flwr/flower_harness.py against a toy Flower app generated into tmp_path.
 
 The toy app needs only flwr and numpy (no torch): a FedAvg ServerApp over a 4-float
 ArrayRecord and a ClientApp whose ``train`` adds ``1 + partition-id``. Run-config switches
@@ -18,10 +18,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import flower_harness as fh
-except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
-    from tests import flower_harness as fh  # type: ignore[no-redef]
+from fedtp_flwr import flower_harness as fh
 
 TOY_FILES = {
     "pyproject.toml": """

@@ -5,7 +5,7 @@ corpus (about a minute on 2 CPU cores). Checks what issue 4 asks to be shown: th
 falls, the three outputs are in the seed's formats, and every node gets a slice of the expected shapes,
 never the full model. A bad config value ends the run as failed with a message naming the key.
 
-tests/flower_harness.py gives each run a private FLWR_HOME, Ray temp dir and ports, and stops every
+fedtp_flwr/flower_harness.py gives each run a private FLWR_HOME, Ray temp dir and ports, and stops every
 process it started (a leftover fails the test: conftest.py's no_leftover_processes). The run settings and the
 checks of the outputs and logs are in tests/conftest.py. All tests here are marked slow.
 """
@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import flower_harness as fh
-except ImportError:  # collected as a package (tests/__init__.py, importmode=importlib)
-    from tests import flower_harness as fh  # type: ignore[no-redef]
+from fedtp_flwr import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_deployment.py
     from conftest import APP_DIR, EVAL_RE, ROUNDS, check_outputs, check_slices, small_config

@@ -237,11 +237,10 @@ def test_a_smollm_style_folder_with_a_49k_vocabulary_fine_tunes_on_text(tmp_path
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
     """The same folder and data through `flwr run . --stream` with three simulated SuperNodes."""
+    from fedtp_flwr import flower_harness as fh
     try:
-        import flower_harness as fh
         from conftest import APP_DIR
     except ImportError:  # collected as a package
-        from tests import flower_harness as fh  # type: ignore[no-redef]
         from tests.conftest import APP_DIR  # type: ignore[no-redef]
 
     folder = make_folder(tmp_path / "hf", tokenizer_config={"bos_token": "<|begin_of_text|>",

@@ -1,4 +1,7 @@
-"""Test harness that runs a Flower 1.42 app for real: simulation and deployment.
+"""Runs a Flower 1.42 app for real, simulation and deployment, for the tests and the benchmarks.
+
+It lives in the package (not in tests/) so that bench/ scripts import the package only; the app itself
+never imports it.
 
 Two entry points:
 
@@ -1318,23 +1321,8 @@ class Deployment:
         node.wait(10)
         _wait_gone(self.tag, pids, 10.0)
 
-    def stop_supernode(self, i: int | ManagedProcess, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM SuperNode ``i`` and wait; SIGKILL its tree if it does not exit."""
-        node = self._node(i)
-        if node.is_running():
-            node.popen.send_signal(signal.SIGTERM)
-        code = node.wait(timeout_s)
-        rest = find_tagged_processes(self.tag, role=node.name)
-        if rest:
-            _signal_pids(rest, signal.SIGTERM)
-            if _wait_gone(self.tag, rest, 5.0):
-                _signal_pids(rest, signal.SIGKILL)
-        if code is None:
-            self.kill_supernode(node)
-            code = node.returncode
-        return code
-
     # ---- runs -----------------------------------------------------------------------
+
     def run(
         self,
         app_dir: Path | str,
