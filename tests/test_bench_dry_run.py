@@ -152,3 +152,14 @@ def test_main_run_records_every_rounds_held_out_loss(tmp_path):
     assert all(r["loss"] > 0 and r["perplexity"] > 1 for r in doc["rounds"].values())
     assert doc["rounds"]["1"]["valid_replies"] == 2 and doc["rounds"]["1"]["sent_mb"] > 0
     assert doc["wall_seconds"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_processes")
+def test_server_scaling_quick_through_a_real_superlink(tmp_path):
+    """bench/server_scaling.py on a small model with 2 and 3 SuperNodes: the JSON issue 12 asks for."""
+    doc = run_bench("server_scaling.py", "--clients", "2,3", "--dim", "128", "--layers", "2", "--rounds", "1",
+                    "--timeout-s", "300", out=tmp_path / "s.json", timeout=900)
+    assert is_int(doc["model_bytes"]) and doc["model_bytes"] > 0
+    assert set(doc["peak_rss_bytes"]) == {"2", "3"} and all(v > 0 for v in doc["peak_rss_bytes"].values())
+    assert {"model_gb", "reply_gb", "budget_gb"} <= set(doc["3b_analytic_gb"])
