@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -557,10 +558,12 @@ def main(argv=None) -> dict:
     if (a.resume or a.report) and out.exists():
         old = json.loads(out.read_text())
         doc["runs"], doc["corpora"], before = old.get("runs", []), old.get("corpora", {}), old.get("total_seconds", 0.0)
-        if "discarded" in old:  # runs of an earlier, replaced setup, kept with the reason
-            doc["discarded"] = old["discarded"]
+        for key in ("discarded", "invocations"):  # runs of an earlier, replaced setup; the commands so far
+            if key in old:
+                doc[key] = old[key]
         if a.report:  # the settings the runs were made with
             doc["settings"], a.plan = old["settings"], []
+    doc.setdefault("invocations", []).append(" ".join(["python bench/method_comparison.py", *(argv or sys.argv[1:])]))
     done = {(r["corpus"], r["seed"], r["method"]) for r in doc["runs"]}
     t0 = time.perf_counter()
     setups = {}
