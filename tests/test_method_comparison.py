@@ -82,6 +82,6 @@ def test_method_comparison_quick_runs_every_kind_of_method_and_writes_the_summar
     s = doc["summary"]["plays"]
     assert s["fedavg"]["gain_share_mean"] == pytest.approx(1.0)
     assert s["ctx-w2"]["equal_bytes_ctx-w2"]["share_mean"] == pytest.approx(s["ctx-w2"]["gain_share_mean"])
-    # no machine paths in the results (the command line and the settings name the test's own folders)
-    assert str(tmp_path) not in json.dumps({k: v for k, v in doc.items() if k not in ("command", "settings")})
+    # no machine paths in the results (the command lines and the settings name the test's own folders)
+    assert str(tmp_path) not in json.dumps({k: v for k, v in doc.items() if k not in ("command", "invocations", "settings")})
     assert set(doc["targets"]["plays"]) >= {"ctx-w2 >= FedAvg's gain at equal bytes"}
