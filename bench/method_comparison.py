@@ -40,7 +40,7 @@ others' budgets and to see what a longer fine-tune does; every table at --rounds
 
 Results are written after every run (a stopped run still leaves numbers): bench/results/method_comparison.json.
 
-    nice -n 19 python bench/method_comparison.py             # the whole comparison (~45 min on 2 busy cores)
+    nice -n 19 python bench/method_comparison.py             # the whole plan (its 18 committed runs: 55 min here)
     python bench/method_comparison.py --quick                 # smoke run (tests)
 """
 
