@@ -40,7 +40,8 @@ others' budgets and to see what a longer fine-tune does; every table at --rounds
 
 Results are written after every run (a stopped run still leaves numbers): bench/results/method_comparison.json.
 
-    nice -n 19 python bench/method_comparison.py             # the whole plan (its 18 committed runs: 55 min here)
+    nice -n 19 python bench/method_comparison.py             # the whole PLAN (more than the 18 committed runs,
+                                                              # a subset chosen with --only: 55 min here)
     python bench/method_comparison.py --quick                 # smoke run (tests)
 """
 
