@@ -99,6 +99,7 @@ def worker(a) -> dict:
             "seconds_into_resident": warm,
             "inputs_rss": inputs_rss, "peak_rss": peak, "extra": peak - inputs_rss, "model_bytes": model_bytes,
             "received_bytes": sum(slice_bytes), "out_bytes": out_bytes,
+            "model_numel": sum(t.numel() for t in state.values()), "out_numel": sum(t.numel() for t in out.values()),
             "out_dtypes": sorted({str(t.dtype) for t in out.values()})}
 
 
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
                 "op": op, "layers": full_layers, "extrapolated": True, "world_size": a.world_size,
                 **{k: fit([(r["layers"], r[k]) for r in pts], full_layers)
                    for k in ("seconds", "inputs_rss", "peak_rss", "extra", "model_bytes", "received_bytes",
-                             "out_bytes")},
+                             "out_bytes", "model_numel", "out_numel")},
                 "out_dtypes": ref["out_dtypes"],
             }
     # Time ratios side by side: at the largest layer count where every operation ran (back to back).

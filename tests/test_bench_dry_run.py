@@ -135,7 +135,9 @@ def test_server_merge_quick(tmp_path):
     doc = run_bench("server_merge.py", "--quick", out=tmp_path / "merge.json")
     assert {r["op"] for r in doc["rows"]} == {"copy", "merge", "aggregate"}
     for r in doc["rows"]:
-        assert r["out_bytes"] == r["model_bytes"] and not r["extrapolated"]
+        assert r["out_numel"] == r["model_numel"] and not r["extrapolated"]
+        # a copy keeps the input dtype; the merges sum and return float32, as the server's global model is
+        assert r["out_dtypes"] == (["torch.float32"] if r["op"] != "copy" else [f"torch.{doc['dtype']}"])
         # measured (load-dependent): present and typed, never compared with a value
         assert isinstance(r["seconds"], float)
         assert all(is_int(r[k]) for k in ("inputs_rss", "peak_rss", "extra"))
@@ -157,9 +159,10 @@ def test_main_run_records_every_rounds_held_out_loss(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_server_scaling_quick_through_a_real_superlink(tmp_path):
-    """bench/server_scaling.py on a small model with 2 and 3 SuperNodes: the JSON issue 12 asks for."""
-    doc = run_bench("server_scaling.py", "--clients", "2,3", "--dim", "128", "--layers", "2", "--rounds", "1",
+    """bench/server_scaling.py on a small model with 3 SuperNodes (so the outlier check's wait is on the path):
+    the JSON issue 12 asks for. One deployment only, to keep the suite short."""
+    doc = run_bench("server_scaling.py", "--clients", "3", "--dim", "128", "--layers", "2", "--rounds", "1",
                     "--timeout-s", "300", out=tmp_path / "s.json", timeout=900)
     assert is_int(doc["model_bytes"]) and doc["model_bytes"] > 0
-    assert set(doc["peak_rss_bytes"]) == {"2", "3"} and all(v > 0 for v in doc["peak_rss_bytes"].values())
+    assert set(doc["peak_rss_bytes"]) == {"3"} and doc["peak_rss_bytes"]["3"] > 0
     assert {"model_gb", "reply_gb", "budget_gb"} <= set(doc["3b_analytic_gb"])

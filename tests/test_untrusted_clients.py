@@ -55,6 +55,12 @@ def attacked(tmp_path, tamper, **overrides):
     return history
 
 
+def assert_as_good_as_without_the_attacker(history, without_attacker: float) -> None:
+    """The issue's bar: the final held-out loss within 1% of the run whose attacker's replies were dropped."""
+    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
+    assert history[-1][1] <= without_attacker * 1.01
+
+
 def noise(std):
     return lambda t, gen: t + std * torch.randn(t.shape, generator=gen)
 
@@ -70,24 +76,21 @@ def dropped(caplog, reason: str) -> bool:
 def test_gaussian_noise_update_is_dropped_as_an_outlier(tmp_path, caplog, without_attacker):
     history = attacked(tmp_path, lambda r, m: with_arrays(r, m, noise(1.0)))
     assert dropped(caplog, "outlier-norm-factor")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
 def test_huge_finite_values_are_dropped_as_an_outlier(tmp_path, caplog, without_attacker):
     history = attacked(tmp_path, lambda r, m: with_arrays(r, m, lambda t, g: torch.full_like(t, 3e38)))
     assert dropped(caplog, "outlier-norm-factor")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
 def test_astronomical_num_examples_is_refused(tmp_path, caplog, without_attacker):
     history = attacked(tmp_path, lambda r, m: with_metrics(with_arrays(r, m, noise(1.0)), m, **{"num-examples": 10**12}))
     assert dropped(caplog, "num-examples must be an integer in [1, 100000000]")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
@@ -100,8 +103,7 @@ def test_fractional_num_examples_is_refused(tmp_path, caplog):
 def test_a_list_where_a_metric_is_a_number_cannot_crash_the_server(tmp_path, caplog, without_attacker):
     history = attacked(tmp_path, lambda r, m: with_metrics(r, m, **{"train-loss": [1.0, 2.0]}))
     assert dropped(caplog, "metric 'train-loss' must be a finite number")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
@@ -113,8 +115,7 @@ def test_extra_records_are_refused_and_never_reach_metric_aggregation(tmp_path, 
 
     history = attacked(tmp_path, extra)
     assert dropped(caplog, "expected exactly ['arrays', 'metrics']")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
@@ -130,8 +131,7 @@ def test_npy_header_dtype_that_differs_from_the_declared_dtype_is_refused(tmp_pa
 
     history = attacked(tmp_path, relabel)
     assert dropped(caplog, "the .npy header's dtype <i4 differs from the declared dtype float32")
-    print(f"final held-out loss {history[-1][1]:.6f}, without the attacker {without_attacker:.6f}")
-    assert history[-1][1] <= without_attacker * 1.01
+    assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
 @pytest.mark.slow
