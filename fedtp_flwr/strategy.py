@@ -36,7 +36,7 @@ from .model import ModelArgs
 from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
 from .robust import outliers, robust_aggregate_slices, update_rms
 from .sharding import shard, slice_shapes
-from .streaming import Outstanding, receive
+from .streaming import receive
 from .wire import decode, encode, record_nbytes
 
 
@@ -99,6 +99,8 @@ class _Round:
     old: dict  # the global model this round's slices were cut from (read-only views)
     fold: WeightedFold | None  # the weighted mean; None with a robust rank-merge
     judge: bool  # the outlier check applies (outlier-norm-factor > 0 and >= 3 nodes were sent slices)
+    sent_ids: set | None = None  # ids of this round's messages, read at the first reply (the grid gives ids when
+    # it pushes, after the round opened); empty: ids unknown, as from a test double
     seen: set = field(default_factory=set)  # nodes that replied (valid or not)
     accepted: list = field(default_factory=list)  # (node, rank, weight, metrics) of each reply merged
     waiting: list = field(default_factory=list)  # (node, Contribution, metrics, index in norms)
@@ -187,17 +189,23 @@ class FederatedTensorParallel(Strategy):
             node = sent_to.get(msg.metadata.reply_to_message_id, node)
         return node
 
+    @staticmethod
+    def _repeated(server_round: int, node: int, seen: set, kind: str) -> bool:
+        """True (and the reply is named as dropped) if `node` already replied in this round; else it is noted."""
+        if node in seen:
+            log(WARNING, "round %d: dropping %s reply from node %d: a second reply from this node in this "
+                "round (only the first counts)", server_round, kind, node)
+            return True
+        seen.add(node)
+        return False
+
     def _first_replies(self, server_round: int, replies: Iterable[Message], kind: str) -> list[tuple[int, Message]]:
         """(node, reply) for the first reply of each node; later ones are dropped and named."""
         out, seen = [], set()
         for msg in replies:
             node = self._reply_node(server_round, msg)
-            if node in seen:
-                log(WARNING, "round %d: dropping %s reply from node %d: a second reply from this node in this "
-                    "round (only the first counts)", server_round, kind, node)
-                continue
-            seen.add(node)
-            out.append((node, msg))
+            if not self._repeated(server_round, node, seen, kind):
+                out.append((node, msg))
         return out
 
     def _open_round(self, server_round: int) -> _Round:
@@ -213,16 +221,14 @@ class FederatedTensorParallel(Strategy):
     def _take_reply(self, rnd: _Round, msg: Message) -> None:
         """Check one training reply and fold it in (or hold it: see _Round); it is not referenced afterwards."""
         node = self._reply_node(rnd.number, msg)
-        sent_ids = {md.message_id for md in self._sent.get(rnd.number, []) if md.message_id}
-        if sent_ids and msg.metadata.reply_to_message_id not in sent_ids:
+        if rnd.sent_ids is None:
+            rnd.sent_ids = {md.message_id for md in self._sent.get(rnd.number, []) if md.message_id}
+        if rnd.sent_ids and msg.metadata.reply_to_message_id not in rnd.sent_ids:
             log(WARNING, "round %d: dropping training reply from node %d: it answers no message of this round "
                 "(a late reply)", rnd.number, node)
             return
-        if node in rnd.seen:
-            log(WARNING, "round %d: dropping training reply from node %d: a second reply from this node in this "
-                "round (only the first counts)", rnd.number, node)
+        if self._repeated(rnd.number, node, rnd.seen, "training"):
             return
-        rnd.seen.add(node)
         if not msg.has_error() and isinstance(msg.content.get("arrays") if "arrays" in msg.content else None,
                                               ArrayRecord):
             rnd.received += record_nbytes(msg.content["arrays"])
@@ -436,7 +442,7 @@ class FederatedTensorParallel(Strategy):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             # Replies are pulled one at a time, checked and folded in as they arrive (streaming.receive).
             messages = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
-            state, outstanding = self._open_round(rnd), Outstanding()
+            state, outstanding = self._open_round(rnd), {}
             for msg in receive(grid, messages, timeout, outstanding, enough=lambda: self._quorum_met(state)):
                 self._take_reply(state, msg)
                 del msg  # released before the next reply is pulled
@@ -458,7 +464,7 @@ class FederatedTensorParallel(Strategy):
                 result.train_metrics_clientapp[rnd] = train_metrics
             eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
             if eval_msgs:
-                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, eval_msgs, timeout, Outstanding())))
+                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, eval_msgs, timeout, {})))
                 if eval_metrics is not None:
                     log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics

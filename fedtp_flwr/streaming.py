@@ -6,7 +6,7 @@ the ServerApp never holds more than one reply that Flower inflated, whatever the
 strategy checks each reply, folds it into running sums and releases it before the next one is pulled.
 
 A round's replies end when every message has its reply, at `timeout`, or as soon as `enough()` says so
-(round-quorum). Whatever is still outstanding then is returned by name so the caller can log it; Flower
+(round-quorum). Whatever is still outstanding then is left in `outstanding` so the caller can log it; Flower
 keeps such a late reply until its message's TTL expires, and it is never pulled: only this round's
 message ids are asked for. A grid without push/pull (a test double) is read through send_and_receive.
 """
@@ -21,34 +21,24 @@ from flwr.app import Message
 POLL_SECONDS = 1.0  # between sweeps over the outstanding replies (Flower's send_and_receive sleeps 3 s)
 
 
-class Outstanding:
-    """The messages of a round that have no reply yet: message id -> destination node (filled by receive)."""
-
-    def __init__(self):
-        self.nodes: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-
-def receive(grid, messages: list[Message], timeout: float, outstanding: Outstanding,
+def receive(grid, messages: list[Message], timeout: float, outstanding: dict[str, None],
             enough: Callable[[], bool] = lambda: False, poll: float = POLL_SECONDS) -> Iterator[Message]:
     """Yield the replies to `messages` one at a time. `messages` is emptied (the caller must hold no other
-    reference to them for their memory to go). `outstanding` ends up naming the nodes that did not answer."""
+    reference to them for their memory to go). `outstanding` (filled here; a dict used as an ordered set, so replies
+    are pulled in push order and a run is reproducible) ends up holding the ids of the messages that got no
+    reply; the caller names their nodes from what it sent."""
     if not hasattr(grid, "push_messages") or not hasattr(grid, "pull_messages"):
         yield from grid.send_and_receive(_take(messages), timeout=timeout)
         return
     end = time.monotonic() + timeout
     batch = _take(messages)
-    nodes = [m.metadata.dst_node_id for m in batch]
-    ids = list(grid.push_messages(batch))
+    outstanding.update(dict.fromkeys(mid for mid in grid.push_messages(batch) if mid))
     del batch
-    outstanding.nodes.update({mid: node for mid, node in zip(ids, nodes) if mid})
     while outstanding and not enough():
-        for mid in list(outstanding.nodes):
+        for mid in list(outstanding):
             replies = list(grid.pull_messages([mid]))
             if replies:
-                del outstanding.nodes[mid]
+                del outstanding[mid]
             while replies:
                 yield replies.pop(0)  # the caller folds and releases it before the next pull
             if not outstanding or enough() or time.monotonic() >= end:
