@@ -154,7 +154,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     strategy = FederatedTensorParallel(args, cfg)
     if "strategy_state" in extras:
         strategy.load_inner_state(extras["strategy_state"])
-    initial = [encode(state)]  # from here on the model exists only as the strategy's global record
+    initial = [encode(state, release=True)]  # from here on the model exists only as the strategy's global record
     del state
     strategy.start(grid, initial.pop(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)

@@ -80,15 +80,6 @@ def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
     return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids))}
 
 
-def _encode_releasing(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A merged float32 state dict -> ArrayRecord, one tensor at a time, each dropped from `state` once copied
-    into its record: the merge output and its encoded form never exist side by side."""
-    record = ArrayRecord()
-    for k in list(state):
-        record[k] = Array(state.pop(k).contiguous().numpy())
-    return record
-
-
 @dataclass
 class _Round:
     """One round's training replies as they arrive. A checked reply is folded into `fold` and released;
@@ -299,7 +290,7 @@ class FederatedTensorParallel(Strategy):
                                              self.cfg.trimmed_mean_beta, self.cfg.effective_merge_weighting,
                                              self.cfg.vocab_parallel)
             rnd.held = []
-        merged_record = _encode_releasing(merged)
+        merged_record = encode(merged, "float32", release=True)  # never beside its encoded form
         metrics = reduce_metrics((w, m) for _, _, w, m in rnd.accepted)
         # The inner rule's state (FedAvgM momentum, FedOpt moments) as it was before this round: Flower's rules
         # rebind those attributes to new objects rather than change them in place, so a shallow copy keeps them.

@@ -30,12 +30,14 @@ def check_wire_dtype(name: str) -> str:
     return name
 
 
-def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
-    """State dict -> ArrayRecord in `wire_dtype` (one copy per tensor, into the .npy bytes)."""
+def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32", release: bool = False) -> ArrayRecord:
+    """State dict -> ArrayRecord in `wire_dtype` (one copy per tensor, into the .npy bytes). release=True pops
+    each tensor from `state` (a dict) once copied, so a state nothing else references is freed a tensor at a
+    time: it and its encoded form never exist side by side."""
     dtype = WIRE_DTYPES[check_wire_dtype(wire_dtype)]
     record = ArrayRecord()
-    for name, t in state.items():
-        t = t.detach().to("cpu", dtype).contiguous()
+    for name in list(state):
+        t = (state.pop(name) if release else state[name]).detach().to("cpu", dtype).contiguous()
         if dtype == torch.bfloat16:
             t = t.view(torch.int16)
         record[name] = Array(t.numpy())

@@ -192,3 +192,14 @@ def test_a_grid_without_push_and_pull_still_works():
     state = initial_state()
     result = s.start(OldGrid([1, 2]), encode(state), num_rounds=1, timeout=5)
     assert not torch.equal(decode(result.arrays)["norm.weight"], state["norm.weight"])
+
+
+def test_encode_with_release_empties_the_state_and_encodes_the_same_bytes():
+    from fedtp_flwr.wire import encode as wire_encode
+
+    state = initial_state()
+    kept = {k: t.clone() for k, t in state.items()}
+    released = wire_encode(state, "float32", release=True)
+    assert state == {}  # every tensor was dropped once copied
+    plain = wire_encode(kept, "float32")
+    assert list(released) == list(plain) and all(released[k].data == plain[k].data for k in plain)
