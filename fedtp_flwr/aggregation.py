@@ -25,7 +25,7 @@ tests/test_strategy.py bounds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -33,6 +33,31 @@ from .model import ModelArgs
 from .sharding import REPLICATE, rule_for, shard
 
 WEIGHTINGS = ("per-rank", "all-clients")
+
+# Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
+# 16 MB in float32 / 32 MB in float64, so a pass's temporaries do not grow with the largest tensor
+# (Llama 3.2 3B's embedding and output: 128256 x 3072 = 394M values).
+BLOCK_VALUES = 1 << 22
+
+
+def blocks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Matching blocks of same-shaped tensors, as views (writes land in the tensors): runs of dim-0 rows of
+    at most BLOCK_VALUES elements, a row too long cut the same way along its next dim. Views, not
+    `reshape(-1)`: a rank's block of a row-parallel weight is a column slice, which flattening would copy."""
+    t0, n = tensors[0], BLOCK_VALUES
+    if any(t.shape != t0.shape for t in tensors):
+        raise ValueError(f"blocks of different shapes: {[tuple(t.shape) for t in tensors]}")
+    if t0.dim() == 0 or t0.numel() <= n:
+        yield tensors
+        return
+    row = t0.numel() // t0.shape[0]
+    if row > n:  # one row is over the budget: cut each row along its own dims
+        for i in range(t0.shape[0]):
+            yield from blocks(*(t[i] for t in tensors))
+        return
+    step = n // row
+    for i in range(0, t0.shape[0], step):
+        yield tuple(t[i:i + step] for t in tensors)
 
 
 @dataclass
@@ -75,14 +100,20 @@ class WeightedFold:
         w = float(c.weight)
         self.ref = self.ref or w
         self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
-        for k in list(c.state):  # one tensor-sized temporary at a time
-            x = (c.state.pop(k) if release else c.state[k]).float()
+        for k in list(c.state):
+            t = c.state.pop(k) if release else c.state[k]
+            # Block by block: one block-sized float32 temporary, not one the size of the tensor. Elementwise
+            # float32 ops, so the sums are bit for bit those of whole-tensor ops.
             if rule_for(k, self.vocab_parallel) is REPLICATE:
-                dst[k].add_(x, alpha=w / self.ref)
-                continue
-            if self.weighting == "all-clients":
-                x = x - old[k]
-            dst[k].add_(x, alpha=w / self.rank_ref[c.rank])
+                for d, x in blocks(dst[k], t):
+                    d.add_(x.float(), alpha=w / self.ref)
+            elif self.weighting == "all-clients":
+                for d, x, o in blocks(dst[k], t, old[k]):
+                    d.add_(x.float() - o, alpha=w / self.rank_ref[c.rank])
+            else:
+                for d, x in blocks(dst[k], t):
+                    d.add_(x.float(), alpha=w / self.rank_ref[c.rank])
+            del t
         self.rank_weight[c.rank] += w
         self.total += w
         self.count += 1

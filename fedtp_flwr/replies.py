@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from .aggregation import blocks
 from .wire import NUMPY_DTYPE, decode
 
 # Metrics this project's client sends (besides the weight key), and that the server averages.
@@ -109,8 +110,8 @@ def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wi
     for k, t in state.items():
         if tuple(t.shape) != tuple(expected_shapes[k]):
             raise ReplyError(f"{k}: data shape {tuple(t.shape)} differs from its declared shape")
-        if not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
+        if not all(bool(torch.isfinite(b).all()) for (b,) in blocks(t)):  # bool temporaries of one block
+            bad = sum(int((~torch.isfinite(b)).sum()) for (b,) in blocks(t))
             raise ReplyError(f"{k}: {bad} non-finite value(s) (NaN/Inf)")
     return CheckedReply(state, n, values)
 

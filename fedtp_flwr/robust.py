@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from .aggregation import Contribution, merge_by_plan
+from .aggregation import Contribution, blocks, merge_by_plan
 from .model import ModelArgs
 from .sharding import REPLICATE, rule_for, shard
 
@@ -39,8 +39,8 @@ def update_rms(global_state: Mapping[str, torch.Tensor], c: Contribution, args: 
     counts = {"split": 0, "replicated": 0}
     for k, new in c.state.items():
         part = "replicated" if rule_for(k, vocab_parallel) is REPLICATE else "split"
-        d = new.double() - old_slice[k].double()  # one tensor at a time
-        sums[part] += float(d.square().sum())
+        for n, o in blocks(new, old_slice[k]):  # float64 temporaries of one block, not of the tensor
+            sums[part] += float((n.double() - o.double()).square().sum())
         counts[part] += new.numel()
     return {p: (sums[p] / counts[p]) ** 0.5 for p in sums if counts[p]}
 
