@@ -48,8 +48,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--min-bytes", type=float, default=1e9, help="array bytes to send (the slice prefix reaches it)")
     p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--pulls", default="flower,fedtp",
+                   help="how the ServerApp pulls the echo: flower (Grid.pull_messages), fedtp (fedtp_flwr.pull)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    pulls = [x for x in a.pulls.split(",") if x]
     t_start = time.perf_counter()
     total_rss = [0]
     sampling = threading.Event()
@@ -61,19 +64,22 @@ def main(argv=None) -> dict:
     with Deployment(num_supernodes=1, node_configs=[{"partition-id": 0, "num-partitions": 1}]) as dep:
         sampler = threading.Thread(target=sample, args=(dep.tag,), daemon=True)
         sampler.start()
-        result_path = dep.workdir / "transport-server.json"
-        run = dep.run(APP_DIR, {"min-bytes": int(a.min_bytes), "result-path": str(result_path),
-                                "wire-dtype": "bfloat16", "timeout": float(a.timeout_s)}, timeout_s=a.timeout_s + 60)
+        by_pull, runs = {}, {}
+        for how in pulls:  # one run each, in the same deployment
+            result_path = dep.workdir / f"transport-server-{how}.json"
+            run = dep.run(APP_DIR, {"min-bytes": int(a.min_bytes), "result-path": str(result_path), "pull": how,
+                                    "wire-dtype": "bfloat16", "timeout": float(a.timeout_s)}, timeout_s=a.timeout_s + 60)
+            if not run.ok or not result_path.exists():
+                print(run.describe(), file=sys.stderr)
+                print(dep.supernodes[0].output[-3000:], file=sys.stderr)
+                raise SystemExit(f"the Flower run (pull {how}) did not complete")
+            by_pull[how], runs[how] = json.loads(result_path.read_text()), run
         processes = {}
         for pid, cmd in find_tagged_processes(dep.tag).items():
             processes[str(pid)] = {"peak_rss": _vm(pid, "VmHWM"), "rss": _vm(pid, "VmRSS"), "cmd": cmd[:200]}
         superlink_peak = _vm(dep.superlink.pid, "VmHWM")
         supernode_peak = _vm(dep.supernodes[0].pid, "VmHWM")
-        if not run.ok or not result_path.exists():
-            print(run.describe(), file=sys.stderr)
-            print(dep.supernodes[0].output[-3000:], file=sys.stderr)
-            raise SystemExit("the Flower run did not complete")
-        s = json.loads(result_path.read_text())
+        s, run = by_pull[pulls[0]], runs[pulls[0]]
         sampling.set()
         sampler.join()
     together = max(total_rss)
@@ -109,14 +115,27 @@ def main(argv=None) -> dict:
          f"{together / 1e9:.2f} ({together / sent:.2f})"],
         ["whole benchmark, incl. start and stop (s)", f"{wall:.0f}"],
     ]
+    pull_rows = []
+    for how, r in by_pull.items():  # the two halves of the round trip, each above the RSS it started from
+        pull_rows.append([how, f"{(r['peak_push'] - r['rss_before_send']) / sent:.2f}",
+                          f"{(r['peak_pull'] - r['rss_after_push']) / sent:.2f}", f"{r['round_trip_seconds']:.1f}",
+                          r["echo_exact"]])
     _common.table(["measure", "value"], rows,
                   title=f"One round trip of a {sent / 1e9:.2f} GB bfloat16 slice (prefix of the 3B W=2 slice) "
                         "through a SuperLink and a SuperNode on loopback (Flower 1.42, insecure gRPC)")
+    _common.table(["pull", "push: peak RSS added per byte", "pull: peak RSS added per byte", "round trip (s)",
+                   "echo exact"], pull_rows,
+                  title="ServerApp memory per half of the round trip, by how the reply is pulled "
+                        "(pull: Flower's Grid.pull_messages, or fedtp_flwr.pull, which assembles each array in place)")
     result = {"server_app": s, "superlink_peak_rss": superlink_peak, "supernode_peak_rss": supernode_peak,
               "processes_at_end": processes, "all_processes_rss_peak": together, "run_status": run.status,
               "run_seconds": run.duration_s,
               "wall_seconds": wall, "server_peak_rss_per_byte_sent": server_peak / sent,
-              "round_trip_added_rss_per_byte_sent": flower_part / sent, "echo_exact": s["echo_exact"]}
+              "round_trip_added_rss_per_byte_sent": flower_part / sent, "echo_exact": s["echo_exact"],
+              "by_pull": {how: {"push_added_rss_per_byte": (r["peak_push"] - r["rss_before_send"]) / sent,
+                                "pull_added_rss_per_byte": (r["peak_pull"] - r["rss_after_push"]) / sent,
+                                "round_trip_seconds": r["round_trip_seconds"], "echo_exact": r["echo_exact"],
+                                "server_app": r} for how, r in by_pull.items()}}
     _common.write_results("transport", result, a.out)
     return result
 

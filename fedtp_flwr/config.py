@@ -66,6 +66,7 @@ class RunConfig:
     rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES)
     trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0)
     max_loss_increase: float = _key("max-loss-increase", 1.5, "keep the previous model when the merged model's held-out loss is non-finite or above this multiple of the previous round's (0: only non-finite losses are refused)", minimum=0.0)
+    spill_dir: str = _key("spill-dir", "", "where the server parks replies that must wait (the outlier check's first two, a robust rank-merge's) instead of holding them in memory; removed at each round's end (empty: <output-dir>/spill)")
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
     checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")

@@ -16,6 +16,7 @@ from flwr.supercore import log
 from .checkpoint import load_checkpoint
 from .config import ConfigError, RunConfig
 from .data import build_dataset, builtin_corpus_path, eval_batches, load_examples, load_tokenizer
+from .memory import memory_gb
 from .model import ModelArgs, build_model, preset_args
 from .outputs import RunOutputs, load_run_checkpoint
 from .sharding import check_world_size
@@ -83,19 +84,9 @@ def resolve_output_dir(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _memory_gb(field: str) -> float | None:
-    """This process's VmRSS / VmHWM (peak) in GB, from /proc (None where there is none)."""
-    try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return kib * 1024 / 1e9
-
-
 def run(grid: Grid, run_config: dict[str, Any]) -> None:
     cfg = RunConfig.from_run_config(run_config)
-    rss_at_start = _memory_gb("VmRSS")
+    rss_at_start = memory_gb("VmRSS")
     random.seed(cfg.seed)  # Flower samples nodes with the `random` module (fraction-train < 1)
     args, state, first_round, history, extras = initial_state(cfg)
     if "random_state" in extras:  # where the uninterrupted run's sampling would be now
@@ -160,6 +151,6 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
                    evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
     log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,
         outputs.checkpoint_path(cfg.num_server_rounds).parent)
-    peak = _memory_gb("VmHWM")
+    peak = strategy.memory.overall()
     if peak is not None and rss_at_start is not None:  # bench/server_scaling.py reads this line
         log(INFO, "fedtp-flwr: ServerApp memory: peak RSS %.3f GB, RSS at start %.3f GB", peak, rss_at_start)

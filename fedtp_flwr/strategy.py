@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +36,10 @@ from .context import context_rest, quantize_rest, rest_to_arrays
 from .model import ModelArgs
 from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
 from .robust import outliers, robust_aggregate_slices, update_rms
+from .memory import PhasePeaks
+from .pull import discard_replies
 from .sharding import shard, slice_shapes
+from .spill import SpillDir, SpilledState
 from .streaming import receive
 from .wire import decode, encode, record_nbytes
 
@@ -83,8 +87,9 @@ def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
 @dataclass
 class _Round:
     """One round's training replies as they arrive. A checked reply is folded into `fold` and released;
-    held only while it waits for the outlier median (`waiting`: at most two, the round's first replies), or
-    with a robust rank-merge (`held`: every valid reply, since a median needs them all at once)."""
+    kept only while it waits for the outlier median (`waiting`: at most two, the round's first replies), or
+    with a robust rank-merge (`held`: every valid reply, since a median needs a rank group at once). A kept
+    reply is parked on disk (`spill`, spill.py) and read back a tensor at a time, so it holds no memory."""
     number: int
     ranks: dict[int, int]
     old: dict  # the global model this round's slices were cut from (read-only views)
@@ -98,6 +103,8 @@ class _Round:
     held: list = field(default_factory=list)  # Contributions for a robust rule
     norms: list = field(default_factory=list)  # update RMS of each checked reply, in arrival order
     received: int = 0  # array bytes received
+    spill: SpillDir | None = None  # where kept replies are parked (made at the first one, removed at the close)
+    spill_made_parent: bool = False  # the spill folder's parent did not exist before
 
 
 class FederatedTensorParallel(Strategy):
@@ -112,61 +119,88 @@ class FederatedTensorParallel(Strategy):
         # only what is needed to tell which node a reply the SuperLink wrote for it stands for.
         self._sent: dict[int, list] = {}
         self._inner_before: dict | None = None  # the inner rule's state before the last aggregate_train
+        # Message ids whose replies came too late for their round: removed from the SuperLink unread when they
+        # arrive (pull.discard_replies), instead of staying there until the run ends.
+        self._late: dict[str, None] = {}
+        self.spill_parent = Path(cfg.spill_dir or Path(cfg.output_dir) / "spill").expanduser()
+        self.memory = PhasePeaks()
 
     # ----------------------------------------------------------------------------------- messages
 
-    def _slice_records(self, arrays: ArrayRecord, ranks: Iterable[int]) -> dict[int, RecordDict]:
-        """Per rank: its slice ("arrays", trainable) and, in context mode, the frozen rest of the split layers
-        in low-bit form ("context"). Nodes sharing a rank share the records (Flower sends each node a copy)."""
+    def _rank_records(self, arrays: ArrayRecord, rank: int) -> dict[str, ArrayRecord]:
+        """A rank's slice ("arrays", trainable) and, in context mode, the frozen rest of the split layers in
+        low-bit form ("context"). Nodes sharing a rank share the records (Flower sends each node a copy)."""
         state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views, no copy of the model
-        out = {}
-        for r in sorted(set(ranks)):
-            vocab = self.cfg.vocab_parallel
-            records = {"arrays": encode(shard(state, self.args, r, self.world_size, vocab), self.cfg.wire_dtype)}
-            if self.cfg.slice_mode == "context":
-                rest = quantize_rest(context_rest(state, self.args, r, self.world_size, vocab), self.cfg.context_bits,
-                                     self.cfg.context_group_size or None)
-                records["context"] = ArrayRecord({k: Array(t.numpy()) for k, t in rest_to_arrays(rest).items()})
-            out[r] = records
-        return out
+        vocab = self.cfg.vocab_parallel
+        records = {"arrays": encode(shard(state, self.args, rank, self.world_size, vocab), self.cfg.wire_dtype)}
+        if self.cfg.slice_mode == "context":
+            rest = quantize_rest(context_rest(state, self.args, rank, self.world_size, vocab), self.cfg.context_bits,
+                                 self.cfg.context_group_size or None)
+            records["context"] = ArrayRecord({k: Array(t.numpy()) for k, t in rest_to_arrays(rest).items()})
+        return records
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
-                  message_type: str) -> list[Message]:
+    def _message_batches(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
+                         message_type: str) -> Iterator[list[Message]]:
+        """The round's messages, one list per rank (its nodes, in id order). Ranks are assigned now; a rank's
+        records are built when its list is asked for and dropped when the next one is, so a caller that sends
+        each list before asking for the next holds one rank's encoded slice at a time, not W of them."""
         ranks = assign_ranks(node_ids, server_round, self.world_size, self.cfg.enable_swapping, self.cfg.swap_period)
         self.ranks[server_round] = ranks
-        records = self._slice_records(arrays, ranks.values())
         model_args = json.dumps(self.args.to_params())
-        messages = []
-        for node in sorted(node_ids):
-            cfg = ConfigRecord(dict(config))
-            cfg.update({"rank": ranks[node], "world-size": self.world_size, "server-round": server_round,
-                        "model-args": model_args, "wire-dtype": self.cfg.wire_dtype, "slice-mode": self.cfg.slice_mode,
-                        "context-bits": self.cfg.context_bits, "context-group-size": self.cfg.context_group_size,
-                        "vocab-parallel": self.cfg.vocab_parallel})
-            content = RecordDict({**records[ranks[node]], "config": cfg})
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type,
-                                    ttl=message_ttl(self.cfg.round_timeout)))
         if message_type == MessageType.TRAIN:
-            self._sent = {server_round: [m.metadata for m in messages]}
-        sent = sum(record_nbytes(rec) for n in node_ids for rec in records[ranks[n]].values())
-        log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
-            {n: ranks[n] for n in sorted(node_ids)}, sent / 1e6, self.cfg.wire_dtype,
+            self._sent = {server_round: []}
+        log(INFO, "round %d: node -> rank %s; sending %s slices%s", server_round,
+            {n: ranks[n] for n in sorted(node_ids)}, self.cfg.wire_dtype,
             f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
         missing = sorted(set(range(self.world_size)) - set(ranks.values()))
         if missing:
             log(WARNING, "round %d: %d node(s) for world size %d; rank(s) %s get no node and keep their values",
                 server_round, len(node_ids), self.world_size, missing)
-        return messages
+        return self._rank_batches(server_round, arrays, config, ranks, message_type, model_args)
+
+    def _rank_batches(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, ranks: dict[int, int],
+                      message_type: str, model_args: str) -> Iterator[list[Message]]:
+        sent = 0
+        node_ids = sorted(ranks)
+        for rank in sorted(set(ranks.values())):
+            records = self._rank_records(arrays, rank)
+            nodes = [n for n in sorted(node_ids) if ranks[n] == rank]
+            sent += len(nodes) * sum(record_nbytes(rec) for rec in records.values())
+            batch = []
+            for node in nodes:
+                cfg = ConfigRecord(dict(config))
+                cfg.update({"rank": rank, "world-size": self.world_size, "server-round": server_round,
+                            "model-args": model_args, "wire-dtype": self.cfg.wire_dtype,
+                            "slice-mode": self.cfg.slice_mode, "context-bits": self.cfg.context_bits,
+                            "context-group-size": self.cfg.context_group_size, "vocab-parallel": self.cfg.vocab_parallel})
+                batch.append(Message(content=RecordDict({**records, "config": cfg}), dst_node_id=node,
+                                     message_type=message_type, ttl=message_ttl(self.cfg.round_timeout)))
+            if message_type == MessageType.TRAIN:
+                self._sent[server_round] += [m.metadata for m in batch]  # ids are filled in when sent
+            del records
+            yield batch
+            del batch
+        log(INFO, "round %d: sent %.1f MB", server_round, sent / 1e6)
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
+                  message_type: str) -> list[Message]:
+        return [m for batch in self._message_batches(server_round, arrays, config, node_ids, message_type)
+                for m in batch]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return [m for batch in self._train_batches(server_round, arrays, config, grid) for m in batch]
+
+    def _train_batches(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       grid: Grid) -> Iterator[list[Message]]:
         # The inner strategy samples the nodes and adds its own settings to the config.
         self.current = arrays
         sampled = list(self.inner.configure_train(server_round, arrays, config, grid))
         if not sampled:
-            return []
+            return iter(())
         inner_config = sampled[0].content["config"]
-        return self._messages(server_round, arrays, inner_config, [m.metadata.dst_node_id for m in sampled],
-                              MessageType.TRAIN)
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        del sampled
+        return self._message_batches(server_round, arrays, inner_config, nodes, MessageType.TRAIN)
 
     # -------------------------------------------------------------------------------- aggregation
 
@@ -237,8 +271,10 @@ class FederatedTensorParallel(Strategy):
             self._accept(rnd, node, c, checked.metrics)
             return
         # Outlier check, online: each reply is compared with the median of the round's replies so far (itself
-        # included) once there are 3; the first two wait for the third.
+        # included) once there are 3; the first two wait for the third, parked on disk.
         rnd.norms.append(update_rms(rnd.old, c, self.args, self.world_size, self.cfg.vocab_parallel))
+        if len(rnd.norms) < 3:
+            c.state = self._park(rnd, c.state)
         rnd.waiting.append((node, c, checked.metrics, len(rnd.norms) - 1))
         if len(rnd.norms) < 3:
             return
@@ -254,8 +290,22 @@ class FederatedTensorParallel(Strategy):
         rnd.accepted.append((node, c.rank, c.weight, metrics))
         if rnd.fold is not None:
             rnd.fold.add(c, release=True)  # the fold keeps no reference to the reply
-        else:
-            rnd.held.append(c)  # a robust rule needs every reply of the round at once
+        else:  # a robust rule needs a rank group's replies at once: parked, read back a parameter at a time
+            rnd.held.append(Contribution(c.rank, self._park(rnd, c.state), c.weight))
+
+    def _park(self, rnd: _Round, state):
+        """A reply that must wait, parked on disk (spill.py); kept in memory, with a warning, if the disk
+        refuses it (nothing is lost either way)."""
+        if isinstance(state, SpilledState):
+            return state
+        try:
+            if rnd.spill is None:
+                rnd.spill_made_parent = not self.spill_parent.exists()
+                rnd.spill = SpillDir(self.spill_parent)
+            return rnd.spill.park(state, release=False)
+        except OSError as e:
+            log(WARNING, "round %d: %s; this reply waits in memory instead", rnd.number, safe_text(e))
+            return state
 
     def _quorum_met(self, rnd: _Round) -> bool:
         """round-quorum < 1: that fraction of the sampled nodes answered and every rank has a valid reply."""
@@ -266,6 +316,19 @@ class FederatedTensorParallel(Strategy):
         return set(rnd.ranks.values()) <= valid
 
     def _close_round(self, rnd: _Round, quorum_ended: bool = False) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        try:
+            return self._merge_round(rnd, quorum_ended)
+        finally:  # the parked replies go whatever happens (a skipped round, an error in the merge)
+            if rnd.spill is not None:
+                rnd.spill.close()
+                rnd.spill = None
+                if rnd.spill_made_parent:  # leave no empty folder behind that the operator did not make
+                    try:
+                        self.spill_parent.rmdir()
+                    except OSError:
+                        pass
+
+    def _merge_round(self, rnd: _Round, quorum_ended: bool) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for node, c, metrics, _ in rnd.waiting:  # fewer than 3 replies checked: no median to compare with
             self._accept(rnd, node, c, metrics)
         rnd.waiting = []
@@ -431,14 +494,25 @@ class FederatedTensorParallel(Strategy):
             t0 = time.time()
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-            # Replies are pulled one at a time, checked and folded in as they arrive (streaming.receive).
-            messages = list(self.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+            self._discard_late(grid)
+            self.memory.mark("between rounds")
+            # Slices go out one rank at a time; replies are pulled one at a time, checked and folded in as they
+            # arrive (streaming.receive).
+            batches = self._train_batches(rnd, arrays, ConfigRecord(dict(train_config)), grid)
             state, outstanding = self._open_round(rnd), {}
-            for msg in receive(grid, messages, timeout, outstanding, enough=lambda: self._quorum_met(state)):
+            sending = True
+            for msg in receive(grid, batches, timeout, outstanding, enough=lambda: self._quorum_met(state)):
+                if sending:
+                    self.memory.mark("sending")
+                    sending = False
                 self._take_reply(state, msg)
                 del msg  # released before the next reply is pulled
+            if sending:
+                self.memory.mark("sending")
             new_arrays, train_metrics = self._close_round(state, quorum_ended=bool(outstanding) and self._quorum_met(state))
-            del state
+            self._late.update(outstanding)
+            del state, batches
+            self.memory.mark("receiving and merging")
             if new_arrays is not None:
                 new_metrics = evaluate_fn(rnd, new_arrays) if evaluate_fn else None
                 if (why := self._refuse(rnd, new_metrics, kept)) is not None:
@@ -455,13 +529,34 @@ class FederatedTensorParallel(Strategy):
                 result.train_metrics_clientapp[rnd] = train_metrics
             eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
             if eval_msgs:
-                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, eval_msgs, timeout, {})))
+                outstanding = {}
+                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, [eval_msgs], timeout, outstanding)))
+                self._late.update(outstanding)
                 if eval_metrics is not None:
                     log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            self.memory.mark("evaluating")
             if record_fn:
                 record_fn(rnd, arrays, kept)
+            self.memory.mark("recording")
+            log(INFO, "round %d: ServerApp peak RSS: %s", rnd, self.memory.line())
             log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
+        self._discard_late(grid)
         if result.arrays is None:
             result.arrays = arrays
         return result
+
+    def _discard_late(self, grid: Grid) -> None:
+        """Remove from the SuperLink, unread, the replies that came after their round ended."""
+        if not self._late or not hasattr(grid, "pull_messages"):
+            return
+        try:
+            gone = discard_replies(grid, self._late)
+        except Exception as e:  # noqa: BLE001 - housekeeping: the run goes on, the SuperLink drops them at its end
+            log(WARNING, "could not remove late replies from the SuperLink (%s); it drops them when the run ends",
+                safe_text(e))
+            return
+        for mid in gone:
+            self._late.pop(mid, None)
+        if gone:
+            log(INFO, "removed %d late repl%s from the SuperLink unread", len(gone), "y" if len(gone) == 1 else "ies")

@@ -22,6 +22,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 # The numpy dtype an Array of each wire dtype carries.
 NUMPY_DTYPE: dict[str, str] = {"float32": "float32", "bfloat16": "int16", "float16": "float16"}
+NPY_HEADER_LIMIT = 65536 + 16  # magic, header length and the longest header numpy writes for any shape
 
 
 def check_wire_dtype(name: str) -> str:
@@ -49,7 +50,9 @@ def _npy_view(array: Array) -> np.ndarray:
 
     The bytes are checked against what the Array declares (its dtype and shape fields): the header's dtype
     (byte order included) and shape must equal them, and the data must be exactly that many bytes."""
-    buf = io.BytesIO(array.data)
+    # Only the header is read through a file object: a BytesIO over a bytearray (as pull.py builds) would
+    # copy the whole buffer. A .npy 1.0 header is at most 65535 bytes; a longer one is refused.
+    buf = io.BytesIO(bytes(memoryview(array.data)[:NPY_HEADER_LIMIT]))
     version = np.lib.format.read_magic(buf)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(buf)

@@ -1,0 +1,55 @@
+"""This process's memory, from /proc/self/status: its RSS, and its peak RSS per phase of a round.
+
+Linux keeps one high-water mark per process (VmHWM); writing "5" to /proc/self/clear_refs resets it to the
+current RSS. `PhasePeaks` reads and resets it at each phase boundary, so the server can log what each
+phase of a round (sending the slices, receiving and merging the replies, evaluating) peaked at, and still
+report the process's overall peak. Where /proc is missing (not Linux) everything is None.
+"""
+
+from __future__ import annotations
+
+
+def memory_gb(field: str) -> float | None:
+    """VmRSS / VmHWM (peak) of this process in GB (None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 / 1e9
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """mark(name) ends a phase: its peak RSS (GB) since the previous mark goes into `phases[name]`."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._overall = memory_gb("VmHWM") or 0.0
+        self._resettable = _reset_peak()
+
+    def mark(self, name: str) -> None:
+        peak = memory_gb("VmHWM")
+        if peak is None:
+            return
+        self.phases[name] = peak
+        self._overall = max(self._overall, peak)
+        self._resettable = _reset_peak()
+
+    def overall(self) -> float | None:
+        """The process's peak RSS since it started (the high-water marks of every phase, and of now)."""
+        now = memory_gb("VmHWM")
+        return None if now is None else max(self._overall, now)
+
+    def line(self) -> str:
+        """The last round's phases, for the log (bench/server_scaling.py reads it)."""
+        what = ", ".join(f"{k} {v:.3f} GB" for k, v in self.phases.items())
+        return what + ("" if self._resettable else " (cumulative: this system cannot reset the peak)")
