@@ -12,10 +12,18 @@ coordinate-wise median (Flower's FedMedian: np.median) or trimmed mean (Flower's
 trim_mean) of the replies, unweighted as in Flower. With all-clients weighting a rank group's robust value
 moves the global slice by the group's share of the round's replies, the count analogue of that rule:
     new = old + (|group| / |all|) (robust(group) - old)
+
+Memory of the robust merge: each parameter is computed a block of dim-0 rows at a time (rows_per_block =
+BLOCK_VALUES // values per row): that block is read from every reply of the group (SpilledState.rows reads it
+alone from disk; an in-memory reply is sliced), stacked and reduced, and the result written into the output's
+block. Besides the output model, the merge holds (replies in the group) x (one block) plus the reduction's own
+temporaries of that size, whatever the parameter's size. np.median / trim_mean are per coordinate, so the
+result is bit for bit that of stacking whole tensors (see _row_ranges for the one layout that is avoided).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Mapping, Sequence
 
@@ -23,9 +31,11 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from . import aggregation
 from .aggregation import Contribution, blocks, merge_by_plan
 from .model import ModelArgs
 from .sharding import REPLICATE, rule_for, shard
+from .spill import SpilledState
 
 RULES = ("median", "trimmed-mean")
 
@@ -64,7 +74,7 @@ def outliers(norms: Sequence[Mapping[str, float]], factor: float) -> dict[int, s
 
 def robust_mean(tensors: Sequence[torch.Tensor], rule: str, beta: float = 0.2) -> torch.Tensor:
     """Coordinate-wise median (np.median, as FedMedian) or trimmed mean (FedTrimmedAvg's trim_mean) of
-    same-shaped tensors, in float32. Stacks one parameter's replies at a time."""
+    same-shaped tensors, in float32. robust_aggregate_slices gives it one block of rows per reply."""
     stacked = np.stack([t.float().numpy() for t in tensors])
     if rule == "median":
         return torch.from_numpy(np.asarray(np.median(stacked, axis=0), dtype=np.float32))
@@ -73,21 +83,79 @@ def robust_mean(tensors: Sequence[torch.Tensor], rule: str, beta: float = 0.2) -
     raise ValueError(f"robust rule {rule!r} is not one of {RULES}")
 
 
+def _row_count(shape: Sequence[int]) -> int:
+    return shape[0] if len(shape) else 1  # a 0-d tensor is one row of one value
+
+
+def _row_ranges(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) runs of dim-0 rows of at most rows_per_block = max(1, BLOCK_VALUES // values per row) rows
+    (read at call time, so tests can shrink it). Whole rows only: a reply's block must be one contiguous read.
+
+    One layout is avoided: a block of a single value (rows of one value, the last run one row long) while the
+    tensor has more. numpy reduces a stack of shape (n, 1) along its contiguous axis (pairwise summation), but
+    (n, m >= 2) one reply row at a time, so trim_mean's float32 mean could differ in the last bit from the
+    whole-tensor merge. The run before it then gives it one row (both keep >= 2 values with rows_per_block >= 3;
+    with a budget of 1 or 2 values the lone row joins the run before it instead, one value over the budget)."""
+    rows = _row_count(shape)
+    per_row = math.prod(shape[1:]) if len(shape) else 1
+    step = max(1, aggregation.BLOCK_VALUES // max(1, per_row))
+    out = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    if per_row == 1 and len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+        a, mid = out[-2]
+        out[-2:] = [(a, mid - 1), (mid - 1, rows)] if step >= 3 else [(a, rows)]
+    return out
+
+
+def _rows(state: Mapping[str, torch.Tensor], k: str, a: int, b: int) -> torch.Tensor:
+    """Rows [a, b) of dim 0 of state[k] (a 0-d tensor: as one row of shape (1,)). A parked reply (SpilledState)
+    reads only those rows from disk; an in-memory one is sliced (a view)."""
+    if isinstance(state, SpilledState):
+        return state.rows(k, a, b)
+    t = state[k]
+    return (t.reshape(1) if t.dim() == 0 else t)[a:b]
+
+
+def _shape(state: Mapping[str, torch.Tensor], k: str) -> tuple[int, ...]:
+    return tuple(state.shape(k) if isinstance(state, SpilledState) else state[k].shape)
+
+
 def robust_aggregate_slices(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution],
                             args: ModelArgs, world_size: int, rule: str, beta: float = 0.2,
                             weighting: str = "per-rank", vocab_parallel: bool = False) -> dict[str, torch.Tensor]:
-    """aggregation.aggregate_slices with `rule` in place of the weighted mean (see the module docstring)."""
+    """aggregation.aggregate_slices with `rule` in place of the weighted mean (see the module docstring), block
+    by block of rows: a reply's tensor has its slice's shape, and `dst` (a view of the full output) the same,
+    so rows [a, b) of every reply make rows [a, b) of dst (for a row-parallel weight, a column block of the
+    full tensor)."""
     if not contributions:
         raise ValueError("no contributions to aggregate")
+    if rule not in RULES:
+        raise ValueError(f"robust rule {rule!r} is not one of {RULES}")
+
+    def blockwise(k: str, dst: torch.Tensor, group: Sequence[Contribution], write) -> None:
+        shapes = {_shape(c.state, k) for c in group}
+        if shapes != {tuple(dst.shape)}:
+            raise ValueError(f"parameter {k!r}: replies of shapes {sorted(shapes)}, expected {tuple(dst.shape)}")
+        rows_view = dst.reshape(1) if dst.dim() == 0 else dst  # a view: writes land in dst
+        for a, b in _row_ranges(dst.shape):
+            # (|group|, b - a, *row shape): the only stack, one block per reply
+            write(rows_view[a:b], a, b, robust_mean([_rows(c.state, k, a, b) for c in group], rule, beta))
 
     def replicated(k: str) -> torch.Tensor:
-        return robust_mean([c.state[k] for c in contributions], rule, beta)
+        out = torch.empty(global_state[k].shape, dtype=torch.float32)
+        blockwise(k, out, contributions, lambda d, a, b, value: d.copy_(value))
+        return out
 
     def split(k: str, dst: torch.Tensor, old: torch.Tensor, group: Sequence[Contribution]) -> None:
-        value = robust_mean([c.state[k] for c in group], rule, beta)
         if weighting == "per-rank":
-            dst.copy_(value)
-        else:
-            dst.copy_(old + (value - old.float()) * (len(group) / len(contributions)))
+            blockwise(k, dst, group, lambda d, a, b, value: d.copy_(value))
+            return
+        share = len(group) / len(contributions)
+        old_rows = old.reshape(1) if old.dim() == 0 else old
+
+        def moved(d: torch.Tensor, a: int, b: int, value: torch.Tensor) -> None:
+            o = old_rows[a:b]
+            d.copy_(o + (value - o.float()) * share)  # elementwise: the whole-tensor formula, block by block
+
+        blockwise(k, dst, group, moved)
 
     return merge_by_plan(global_state, contributions, args, world_size, vocab_parallel, replicated, split)

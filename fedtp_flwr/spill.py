@@ -2,12 +2,16 @@
 
 Some replies cannot be merged on arrival (the outlier check needs three replies to judge the first two; the robust
 median needs every reply of a rank group). Held in RAM, the server's memory would grow with the number of clients
-(up to ~4.4 GB per reply at Llama 3.2 3B). SpillDir.park writes a reply one file per tensor, dropping each tensor from
-the caller's dict as it is written, and the SpilledState it returns reads them back one tensor at a time (no cache, no
-mmap), so at most one tensor of a parked reply is resident at once.
+(up to ~4.4 GB per reply at Llama 3.2 3B). SpillDir.park writes a reply one file per tensor: the tensor's raw bytes in
+C order, its dtype and shape kept beside the path in the SpilledState (a non-contiguous view is written a run of rows
+at a time, so parking copies at most one run, never the whole tensor). Each tensor is dropped from the caller's dict
+as it is written. What holds memory afterwards: only what a reader asks for. SpilledState[k] reads one whole tensor
+back; SpilledState.rows(k, a, b) reads rows [a, b) of dim 0 alone (a seek and one read into a fresh tensor; no cache,
+no mmap), which is how the robust merge keeps one block of rows per reply resident, not one tensor.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -15,29 +19,72 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+# Values per write when a non-contiguous tensor is copied out a run of rows at a time (as aggregation.BLOCK_VALUES).
+_WRITE_VALUES = 1 << 22
+
 
 def _disk_error(where: str, e: OSError) -> OSError:
     return OSError(f"cannot park client replies on disk under {where}: point spill-dir at a writable directory with "
                    f"free space, or free space there ({e})")
 
 
-def _own_bytes(t: torch.Tensor) -> torch.Tensor:
-    """t itself if its storage holds exactly its data, else a compact copy (torch.save writes the whole storage)."""
-    t = t.detach()
-    if (t.is_contiguous() and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _as_bytes(t: torch.Tensor):
+    """The bytes of a contiguous tensor as a numpy uint8 array sharing its memory (any dtype, bfloat16 included)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:  # one value of a strided view counts as contiguous: copy it
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8).numpy()
+
+
+def _write(f, t: torch.Tensor) -> None:
+    """t's values in C order: in one write if contiguous, else a copied run of dim-0 rows at a time."""
+    if t.is_contiguous() or t.dim() == 0:
+        f.write(_as_bytes(t))
+        return
+    row = max(1, t.numel() // max(1, t.shape[0]))
+    step = max(1, _WRITE_VALUES // row)
+    for i in range(0, t.shape[0], step):
+        f.write(_as_bytes(t[i:i + step].contiguous()))
 
 
 class SpilledState(Mapping):
-    """A parked reply: name -> tensor, in the original order; every read loads that one tensor from disk."""
+    """A parked reply: name -> tensor, in the original order; every read loads from disk what it asks for."""
 
-    def __init__(self, files: dict[str, tuple[str, int]]):
-        self._files = files  # name -> (path, bytes of tensor data)
+    def __init__(self, files: dict[str, tuple[str, int, torch.dtype, torch.Size]]):
+        self._files = files  # name -> (path, bytes of tensor data, dtype, shape)
+
+    def _read(self, k: str, first: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A fresh tensor of `shape` filled from k's file, starting at its element `first` (f.seek + f.readinto)."""
+        path, _, dtype, _ = self._files[k]
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        buf = memoryview(_as_bytes(out))
+        with open(path, "rb", buffering=0) as f:
+            f.seek(first * out.element_size())
+            done = 0
+            while done < len(buf):
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise OSError(f"parked tensor {k!r} in {path} is truncated: {done} of {len(buf)} bytes read")
+                done += n
+        return out
 
     def __getitem__(self, k: str) -> torch.Tensor:
-        return torch.load(self._files[k][0], map_location="cpu", weights_only=True)
+        return self._read(k, 0, tuple(self._files[k][3]))
+
+    def shape(self, k: str) -> torch.Size:
+        """k's shape, without reading it."""
+        return self._files[k][3]
+
+    def rows(self, k: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of k's dim 0 (slice semantics: clipped to the tensor), read alone from disk; shape
+        (stop - start, *shape[1:]). A 0-d tensor reads as one row of shape (1,)."""
+        shape = tuple(self._files[k][3]) or (1,)
+        start, stop, _ = slice(start, stop).indices(shape[0])
+        stop = max(start, stop)
+        row = math.prod(shape[1:])
+        return self._read(k, start * row, (stop - start, *shape[1:]))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -48,14 +95,14 @@ class SpilledState(Mapping):
     def pop(self, k: str) -> torch.Tensor:
         """Load k, delete its file and forget it (WeightedFold.add(release=True) drains a reply this way)."""
         t = self[k]
-        path, _ = self._files.pop(k)
+        path = self._files.pop(k)[0]
         os.remove(path)
         return t
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data still parked."""
-        return sum(n for _, n in self._files.values())
+        return sum(entry[1] for entry in self._files.values())
 
 
 class SpillDir:
@@ -69,15 +116,16 @@ class SpillDir:
             raise _disk_error(os.fspath(parent), e) from e
 
     def park(self, state: dict[str, torch.Tensor], release: bool = True) -> SpilledState:
-        """Write state one file per tensor; release=True pops each tensor from state once it is written."""
+        """Write state one raw file per tensor; release=True pops each tensor from state once it is written."""
         sub, files = None, {}
         try:
             sub = tempfile.mkdtemp(prefix="reply-", dir=self.path)
             for i, k in enumerate(list(state)):
-                t = _own_bytes(state[k])
-                path = os.path.join(sub, f"{i}.pt")
-                torch.save(t, path)
-                files[k] = (path, t.numel() * t.element_size())
+                t = state[k].detach()
+                path = os.path.join(sub, f"{i}.bin")
+                with open(path, "wb") as f:
+                    _write(f, t)
+                files[k] = (path, t.numel() * t.element_size(), t.dtype, t.shape)
                 del t
                 if release:
                     del state[k]
