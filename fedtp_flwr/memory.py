@@ -1,12 +1,15 @@
 """This process's memory, from /proc/self/status: its RSS, and its peak RSS per phase of a round.
 
 Linux keeps one high-water mark per process (VmHWM); writing "5" to /proc/self/clear_refs resets it to the
-current RSS. `PhasePeaks` reads and resets it at each phase boundary, so the server can log what each
-phase of a round (sending the slices, receiving and merging the replies, evaluating) peaked at, and still
-report the process's overall peak. Where /proc is missing (not Linux) everything is None.
+current RSS. `PhasePeaks` reads and resets it at each phase boundary (after handing freed heap pages back,
+`release_freed_memory`), so the server can log what each phase of a round (sending the slices, receiving
+and merging the replies, evaluating) peaked at, and still report the process's overall peak. Where /proc is missing (not Linux) everything is None.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
 
 
 def memory_gb(field: str) -> float | None:
@@ -17,6 +20,25 @@ def memory_gb(field: str) -> float | None:
     except (OSError, StopIteration, ValueError):
         return None
     return kib * 1024 / 1e9
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Tensors under glibc's mmap
+    threshold (up to 32 MB) live on the heap, and what a round frees there otherwise stays in the process's
+    RSS; no-op elsewhere."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _reset_peak() -> bool:
@@ -42,6 +64,7 @@ class PhasePeaks:
             return
         self.phases[name] = peak
         self._overall = max(self._overall, peak)
+        release_freed_memory()
         self._resettable = _reset_peak()
 
     def overall(self) -> float | None:

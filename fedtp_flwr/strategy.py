@@ -149,9 +149,6 @@ class FederatedTensorParallel(Strategy):
         model_args = json.dumps(self.args.to_params())
         if message_type == MessageType.TRAIN:
             self._sent = {server_round: []}
-        log(INFO, "round %d: node -> rank %s; sending %s slices%s", server_round,
-            {n: ranks[n] for n in sorted(node_ids)}, self.cfg.wire_dtype,
-            f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
         missing = sorted(set(range(self.world_size)) - set(ranks.values()))
         if missing:
             log(WARNING, "round %d: %d node(s) for world size %d; rank(s) %s get no node and keep their values",
@@ -180,7 +177,10 @@ class FederatedTensorParallel(Strategy):
             del records
             yield batch
             del batch
-        log(INFO, "round %d: sent %.1f MB", server_round, sent / 1e6)
+        # Logged once every rank's messages are built (the last is being sent): the MB are those of the records.
+        log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
+            {n: ranks[n] for n in node_ids}, sent / 1e6, self.cfg.wire_dtype,
+            f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
                   message_type: str) -> list[Message]:
