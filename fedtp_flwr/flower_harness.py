@@ -1310,6 +1310,14 @@ class Deployment:
             return index_or_node
         return self.supernodes[index_or_node]
 
+    def signal_clientapps(self, i: int | ManagedProcess, sig: int) -> list[int]:
+        """Send ``sig`` (e.g. SIGSTOP / SIGCONT: a node that pauses mid-training) to SuperNode ``i``'s
+        ClientApp processes; -> their pids."""
+        node = self._node(i)
+        pids = [pid for pid, cmd in find_tagged_processes(self.tag, role=node.name).items() if "flwr-clientapp" in cmd]
+        _signal_pids(set(pids), sig)
+        return pids
+
     def kill_supernode(self, i: int | ManagedProcess, whole_tree: bool = True) -> None:
         """SIGKILL SuperNode ``i`` (by default with its SuperExec and ClientApp
         processes too, like a crashed machine)."""

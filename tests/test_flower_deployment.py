@@ -9,7 +9,8 @@ play of the built-in corpus); runs go through `flwr run <app> <connection> --str
   never registered cannot join and receives no slice;
 - faults in one federation: a ClientApp that raises (invalid JSON in its data file) and a SuperNode killed
   mid-round (SIGKILL, with its ClientApp) do not stop the run; the log names both nodes and why, and a rank
-  nobody returned keeps its previous values.
+  nobody returned keeps its previous values;
+- a reply that comes after its round ended (round-quorum) is removed from the SuperLink unread.
 
 fedtp_flwr/flower_harness.py starts and stops the processes (none may be left behind: conftest.py's
 no_leftover_processes). The tests that start processes are marked slow.
@@ -18,6 +19,7 @@ no_leftover_processes). The tests that start processes are marked slow.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -319,3 +321,47 @@ def test_a_noisy_update_from_a_real_supernode_is_dropped(tmp_path: Path) -> None
                      res.log_text), res.log_text[-4000:]
     assert not re.search(rf"dropping reply from node ({node_id(nodes[0])}|{node_id(nodes[1])})", res.log_text)
     assert (out / "experiment_results_llama32.pkl").exists()
+
+
+@pytest.mark.slow
+def test_a_late_reply_is_removed_from_the_superlink_unread(tmp_path: Path) -> None:
+    """Three SuperNodes, round-quorum 0.6: one node's ClientApp is paused (SIGSTOP) while it trains, so the
+    round ends once the other two (one per rank) replied; resumed then, its reply comes after its round.
+    The server names it, never pulls it, and removes it from the SuperLink unread (pull.discard_replies)."""
+    (data_a, _), (data_b, _) = write_node_data(tmp_path / "data")
+    with fh.Deployment(workdir=tmp_path / "dep") as dep:
+        nodes = start_nodes(dep, [{"data-path": str(p)} for p in (data_a, data_b, data_a)])
+        # Ranks go 0, 1, 0 in node id order: the node with the largest id shares rank 0 and can be late.
+        *fast, slow = sorted(nodes, key=node_id)
+        run_over = threading.Event()
+        paused: list[int] = []
+
+        def pause_then_resume() -> None:
+            while not run_over.is_set() and "received the rank" not in slow.output:
+                time.sleep(0.05)
+            paused.extend(dep.signal_clientapps(slow, signal.SIGSTOP))
+            while not run_over.is_set() and not all("Sent successfully" in n.output for n in fast):
+                time.sleep(0.1)
+            time.sleep(3.0)  # the server pulls the two replies and ends the round (it polls every second)
+            dep.signal_clientapps(slow, signal.SIGCONT)
+
+        worker = threading.Thread(target=pause_then_resume, daemon=True)
+        worker.start()
+        cfg = deployment_config(tmp_path / "outputs", **{"num-server-rounds": 2, "round-quorum": 0.6,
+                                                         "min-available-nodes": 3, "outlier-norm-factor": 0.0})
+        try:
+            res = dep.run(APP_DIR, cfg, timeout_s=300)
+        finally:
+            run_over.set()
+            worker.join(timeout=30)
+            dep.signal_clientapps(slow, signal.SIGCONT)
+    assert paused, "the slow node's ClientApp was never found"
+    res.assert_ok()
+    log_text = res.log_text
+    rank = node_ranks(log_text)[1][node_id(slow)]
+    assert f"round 1: no reply from node {node_id(slow)} (rank {rank}) before the round ended at round-quorum 0.6" \
+        in log_text, log_text[-4000:]
+    assert "round 1: 2 valid replies" in log_text
+    removed = [int(n) for n in re.findall(r"removed (\d+) late repl(?:y|ies) from the SuperLink unread", log_text)]
+    assert sum(removed) >= 1, log_text[-4000:]
+    assert "a late reply)" not in log_text  # no late reply was ever pulled as if it answered a later round
