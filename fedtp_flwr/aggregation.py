@@ -93,26 +93,28 @@ class WeightedFold:
     def add(self, c: Contribution, release: bool = False) -> None:
         """Fold c in. release=True empties c.state as it goes (each tensor dropped once added), so that a reply
         nothing else references is freed a tensor at a time while the sums' pages fill."""
-        if self.sums is None:  # calloc'd: a page is resident once the first fold writes it, not before
-            self.sums = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in self.old.items()}
+        if self.sums is None:  # uninitialized: a page is resident once the first term written to it
+            self.sums = {k: torch.empty(t.shape, dtype=torch.float32) for k, t in self.old.items()}
         dst = self._views(self.sums, c.rank)
         old = self._views(self.old, c.rank)
         w = float(c.weight)
+        first_replicated, first_split = not self.count, not self.rank_weight[c.rank]
         self.ref = self.ref or w
         self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
         for k in list(c.state):
             t = c.state.pop(k) if release else c.state[k]
             # Block by block: one block-sized float32 temporary, not one the size of the tensor. Elementwise
-            # float32 ops, so the sums are bit for bit those of whole-tensor ops.
+            # float32 ops, so the sums are bit for bit those of whole-tensor ops. A sum's first term has weight
+            # w_ref (factor 1): it is written, not added to zeros (the same value; one pass instead of two).
             if rule_for(k, self.vocab_parallel) is REPLICATE:
                 for d, x in blocks(dst[k], t):
-                    d.add_(x.float(), alpha=w / self.ref)
+                    d.copy_(x) if first_replicated else d.add_(x.float(), alpha=w / self.ref)
             elif self.weighting == "all-clients":
                 for d, x, o in blocks(dst[k], t, old[k]):
-                    d.add_(x.float() - o, alpha=w / self.rank_ref[c.rank])
+                    torch.sub(x.float(), o, out=d) if first_split else d.add_(x.float() - o, alpha=w / self.rank_ref[c.rank])
             else:
                 for d, x in blocks(dst[k], t):
-                    d.add_(x.float(), alpha=w / self.rank_ref[c.rank])
+                    d.copy_(x) if first_split else d.add_(x.float(), alpha=w / self.rank_ref[c.rank])
             del t
         self.rank_weight[c.rank] += w
         self.total += w
@@ -124,7 +126,7 @@ class WeightedFold:
             raise ValueError("no contributions to aggregate")
         out, self.sums = self.sums, None
         for k, t in out.items():
-            if rule_for(k, self.vocab_parallel) is REPLICATE:
+            if rule_for(k, self.vocab_parallel) is REPLICATE and self.total != self.ref:  # x / 1 is x: no pass
                 t.div_(self.total / self.ref)
         for rank, rank_weight in enumerate(self.rank_weight):
             dst, old = self._views(out, rank), self._views(self.old, rank)
@@ -134,7 +136,8 @@ class WeightedFold:
                 if not rank_weight:
                     t.copy_(old[k])
                 elif self.weighting == "per-rank":
-                    t.div_(rank_weight / self.rank_ref[rank])
+                    if rank_weight != self.rank_ref[rank]:  # one reply for the rank: already its value
+                        t.div_(rank_weight / self.rank_ref[rank])
                 else:
                     t.div_(self.total / self.rank_ref[rank]).add_(old[k])
         return {k: out[k] for k in self.old}
