@@ -3,6 +3,8 @@ set (bfloat16, so that it fits in this machine's 24 GB), against a plain memory 
 
 Three operations, each in a fresh Python process (peak RSS measured separately, /proc VmHWM):
   copy       the physical floor: a new tensor for every parameter of the global model, copy_ of the old one
+  copy-float32  the floor for an output in float32 (the server's global model is float32 and so are merge's
+             and aggregate's outputs): a new float32 tensor per parameter, copy_ (convert) of the old one
   merge      fedtp_flwr.sharding.merge(shards, args): concatenate split parameters, average replicated ones
   aggregate  fedtp_flwr.aggregation.aggregate_slices(global, contributions, args, W): what the server runs
              each round (per-rank weighting, one reply per rank), which calls merge
@@ -46,7 +48,7 @@ from fedtp_flwr.aggregation import Contribution, aggregate_slices
 from fedtp_flwr.model import Transformer
 from fedtp_flwr.sharding import REPLICATE, merge, rule_for, shard
 
-OPS = ("copy", "merge", "aggregate")
+OPS = ("copy", "copy-float32", "merge", "aggregate")
 
 
 def build_inputs(args, world_size: int, dtype: torch.dtype):
@@ -76,8 +78,9 @@ def worker(a) -> dict:
     _common.reset_peak_rss()
     t0 = time.perf_counter()
     warm = None
-    if a.op == "copy":
-        out = {k: torch.empty_like(t).copy_(t) for k, t in state.items()}
+    if a.op in ("copy", "copy-float32"):
+        out_dtype = torch.float32 if a.op == "copy-float32" else dtype
+        out = {k: torch.empty(t.shape, dtype=out_dtype).copy_(t) for k, t in state.items()}
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()  # the same copy again, into memory that is now resident: bandwidth only
         for k, t in state.items():
@@ -195,6 +198,7 @@ def main(argv=None) -> dict:
         r = results[op]
         nominal = r["model_bytes"] + r["received_bytes"]
         rows.append(dict(r, time_vs_copy=at_common[op]["seconds"] / at_common["copy"]["seconds"],
+                         time_vs_copy_float32=at_common[op]["seconds"] / at_common["copy-float32"]["seconds"],
                          time_ratio_layers=common, nominal_inputs=nominal, server_peak=nominal + r["extra"],
                          peak_vs_nominal=(nominal + r["extra"]) / nominal))
     # Like-for-like ratios at every measured size (same layers, run back to back).
@@ -206,8 +210,8 @@ def main(argv=None) -> dict:
                                                    for op in OPS if op in at},
                               **{f"{op}_extra_gb": at[op]["extra"] / 1e9 for op in OPS if op in at}})
     for r in runs:
-        if r["op"] == "copy":
-            print(f"  copy into resident memory, {r['layers']} layers: {r['seconds_into_resident']:.2f} s "
+        if r["op"] in ("copy", "copy-float32"):
+            print(f"  {r['op']} into resident memory, {r['layers']} layers: {r['seconds_into_resident']:.2f} s "
                   f"({r['model_bytes'] / r['seconds_into_resident'] / 1e9:.1f} GB/s; with fresh allocation: "
                   f"{r['model_bytes'] / r['seconds'] / 1e9:.1f} GB/s)")
     _common.table(["layers", *[f"{op} s" for op in OPS], *[f"{op} extra GB" for op in OPS]],
@@ -219,10 +223,10 @@ def main(argv=None) -> dict:
                   title=f"Every run ({a.model} tensor shapes, {a.dtype}, W={a.world_size}; extra = peak RSS above "
                         "the resident inputs)")
     _common.table(
-        ["operation", "layers", "seconds", f"time vs copy ({common} layers)", "extra GB", "model + received GB",
-         "server peak GB", "peak / (model + received)", "output dtypes"],
+        ["operation", "layers", "seconds", f"time vs copy ({common} layers)", "time vs copy-float32",
+         "extra GB", "model + received GB", "server peak GB", "peak / (model + received)", "output dtypes"],
         [[r["op"], f"{r['layers']}{' (extrapolated)' if r['extrapolated'] else ''}", f"{r['seconds']:.2f}",
-          f"{r['time_vs_copy']:.2f}x", f"{r['extra'] / 1e9:.2f}", f"{r['nominal_inputs'] / 1e9:.2f}",
+          f"{r['time_vs_copy']:.2f}x", f"{r['time_vs_copy_float32']:.2f}x", f"{r['extra'] / 1e9:.2f}", f"{r['nominal_inputs'] / 1e9:.2f}",
           f"{r['server_peak'] / 1e9:.2f}", f"{r['peak_vs_nominal']:.3f}", ",".join(r["out_dtypes"])] for r in rows],
         title=f"{a.model}, {a.dtype}, W={a.world_size}: merge against the memory-copy floor "
               "(server peak = model + received slices + extra)",
@@ -233,10 +237,13 @@ def main(argv=None) -> dict:
         "aim": "merge within 3x the memory-copy floor, peak RSS at most 1.2x (model + received slices)",
         "aggregate_time_vs_copy": agg["time_vs_copy"], "aggregate_peak_vs_nominal": agg["peak_vs_nominal"],
         "merge_time_vs_copy": mrg["time_vs_copy"], "merge_peak_vs_nominal": mrg["peak_vs_nominal"],
+        "aggregate_time_vs_copy_float32": agg["time_vs_copy_float32"],
+        "merge_time_vs_copy_float32": mrg["time_vs_copy_float32"],
         "time_aim_met": agg["time_vs_copy"] <= 3 and mrg["time_vs_copy"] <= 3,
         "memory_aim_met": agg["peak_vs_nominal"] <= 1.2 and mrg["peak_vs_nominal"] <= 1.2,
     }
-    print(f"\naggregate_slices: {agg['time_vs_copy']:.2f}x the copy floor's time, server peak "
+    print(f"\naggregate_slices: {agg['time_vs_copy']:.2f}x the copy floor's time "
+          f"({agg['time_vs_copy_float32']:.2f}x a copy into float32), server peak "
           f"{agg['peak_vs_nominal']:.2f}x (model + received); merge: {mrg['time_vs_copy']:.2f}x, "
           f"{mrg['peak_vs_nominal']:.2f}x (aims 3x / 1.2x)")
     result = {"model": a.model, "dtype": a.dtype, "world_size": a.world_size, "threads": a.threads, "runs": runs,

@@ -133,11 +133,12 @@ def test_client_memory_quick(tmp_path):
 @pytest.mark.slow
 def test_server_merge_quick(tmp_path):
     doc = run_bench("server_merge.py", "--quick", out=tmp_path / "merge.json")
-    assert {r["op"] for r in doc["rows"]} == {"copy", "merge", "aggregate"}
+    assert {r["op"] for r in doc["rows"]} == {"copy", "copy-float32", "merge", "aggregate"}
     for r in doc["rows"]:
         assert r["out_numel"] == r["model_numel"] and not r["extrapolated"]
         # a copy keeps the input dtype; the merges sum and return float32, as the server's global model is
         assert r["out_dtypes"] == (["torch.float32"] if r["op"] != "copy" else [f"torch.{doc['dtype']}"])
+        assert r["time_vs_copy_float32"] > 0
         # measured (load-dependent): present and typed, never compared with a value
         assert isinstance(r["seconds"], float)
         assert all(is_int(r[k]) for k in ("inputs_rss", "peak_rss", "extra"))
