@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from fedtp_flwr import memory
 from fedtp_flwr.model import ModelArgs, Transformer
 from fedtp_flwr.sharding import shard_args
 
@@ -193,28 +194,26 @@ def training_flops(args: ModelArgs, world_size: int, seq: int) -> float:
 # ----------------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) if m else 0
-
-
 def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
+    return memory.status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (VmHWM) since start or the last reset_peak_rss()."""
-    return _status_kib("VmHWM") * 1024
+    return memory.status_bytes("VmHWM") or 0
 
 
 def reset_peak_rss() -> None:
     """Reset VmHWM to the current RSS (Linux >= 4.0); a no-op where /proc does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    memory.reset_peak()
+
+
+def portable_command(cmd: str) -> str:
+    """A process's command line without this machine's paths: the program's own name (the first word that is
+    not the Python interpreter), then its arguments, e.g. "flower-superlink --host 127.0.0.1 ..."."""
+    words = cmd.split()
+    start = next((i for i, w in enumerate(words) if not os.path.basename(w).startswith("python")), 0)
+    return " ".join([os.path.basename(words[start]), *words[start + 1:]]) if words else cmd
 
 
 def mem_available_bytes() -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 import _common
 
 from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
+from fedtp_flwr.memory import status_bytes
 
 from fedtp_flwr.checkpoint import save_meta_checkpoint  # noqa: E402
 from fedtp_flwr.model import ModelArgs, build_model  # noqa: E402
@@ -48,15 +49,6 @@ PEAK_RE = re.compile(r"ServerApp memory: peak RSS ([\d.]+) GB, RSS at start ([\d
 MB_RE = re.compile(r"round (\d+): (\d+) valid repl\w+, ([\d.]+) MB received")
 PHASES_RE = re.compile(r"round (\d+): ServerApp peak RSS: (.*)")
 PHASE_RE = re.compile(r"([a-z ]+?) ([\d.]+) GB")
-
-
-def _vm(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return 0
-    return int(m.group(1)) * 1024 if m else 0
 
 
 def bench_args(a) -> ModelArgs:
@@ -76,10 +68,10 @@ def one_run(n: int, ckpt: Path, work: Path, a) -> dict:
     def sample(tag: str):
         while not stop.wait(0.25):
             procs = find_tagged_processes(tag)
-            sampled["together"] = max(sampled["together"], sum(_vm(p, "VmRSS") for p in procs))
+            sampled["together"] = max(sampled["together"], sum((status_bytes("VmRSS", p) or 0) for p in procs))
             for pid, cmd in procs.items():
                 if "flwr-serverapp" in cmd:
-                    sampled["serverapp"] = max(sampled["serverapp"], _vm(pid, "VmHWM"))
+                    sampled["serverapp"] = max(sampled["serverapp"], (status_bytes("VmHWM", pid) or 0))
 
     t0 = time.perf_counter()
     configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]

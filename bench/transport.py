@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import threading
 import time
@@ -31,17 +30,9 @@ import time
 import _common
 
 from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
+from fedtp_flwr.memory import status_bytes
 
 APP_DIR = _common.BENCH_DIR / "transport_app"
-
-
-def _vm(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
 
 
 def main(argv=None) -> dict:
@@ -59,7 +50,7 @@ def main(argv=None) -> dict:
 
     def sample(tag: str):  # RSS of all the deployment's processes together, every 0.25 s
         while not sampling.wait(0.25):
-            total_rss.append(sum(_vm(pid, "VmRSS") or 0 for pid in find_tagged_processes(tag)))
+            total_rss.append(sum(status_bytes("VmRSS", pid) or 0 for pid in find_tagged_processes(tag)))
 
     with Deployment(num_supernodes=1, node_configs=[{"partition-id": 0, "num-partitions": 1}]) as dep:
         sampler = threading.Thread(target=sample, args=(dep.tag,), daemon=True)
@@ -76,9 +67,10 @@ def main(argv=None) -> dict:
             by_pull[how], runs[how] = json.loads(result_path.read_text()), run
         processes = {}
         for pid, cmd in find_tagged_processes(dep.tag).items():
-            processes[str(pid)] = {"peak_rss": _vm(pid, "VmHWM"), "rss": _vm(pid, "VmRSS"), "cmd": cmd[:200]}
-        superlink_peak = _vm(dep.superlink.pid, "VmHWM")
-        supernode_peak = _vm(dep.supernodes[0].pid, "VmHWM")
+            processes[str(pid)] = {"peak_rss": status_bytes("VmHWM", pid), "rss": status_bytes("VmRSS", pid),
+                                   "cmd": _common.portable_command(cmd)[:200]}
+        superlink_peak = status_bytes("VmHWM", dep.superlink.pid)
+        supernode_peak = status_bytes("VmHWM", dep.supernodes[0].pid)
         s, run = by_pull[pulls[0]], runs[pulls[0]]
         sampling.set()
         sampler.join()

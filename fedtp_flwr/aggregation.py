@@ -106,15 +106,21 @@ class WeightedFold:
             # Block by block: one block-sized float32 temporary, not one the size of the tensor. Elementwise
             # float32 ops, so the sums are bit for bit those of whole-tensor ops. A sum's first term has weight
             # w_ref (factor 1): it is written, not added to zeros (the same value; one pass instead of two).
-            if rule_for(k, self.vocab_parallel) is REPLICATE:
-                for d, x in blocks(dst[k], t):
-                    d.copy_(x) if first_replicated else d.add_(x.float(), alpha=w / self.ref)
-            elif self.weighting == "all-clients":
+            replicated = rule_for(k, self.vocab_parallel) is REPLICATE
+            first = first_replicated if replicated else first_split
+            alpha = w / (self.ref if replicated else self.rank_ref[c.rank])
+            if self.weighting == "all-clients" and not replicated:  # the update x - old
                 for d, x, o in blocks(dst[k], t, old[k]):
-                    torch.sub(x.float(), o, out=d) if first_split else d.add_(x.float() - o, alpha=w / self.rank_ref[c.rank])
+                    if first:
+                        torch.sub(x.float(), o, out=d)
+                    else:
+                        d.add_(x.float() - o, alpha=alpha)
             else:
                 for d, x in blocks(dst[k], t):
-                    d.copy_(x) if first_split else d.add_(x.float(), alpha=w / self.rank_ref[c.rank])
+                    if first:
+                        d.copy_(x)
+                    else:
+                        d.add_(x.float(), alpha=alpha)
             del t
         self.rank_weight[c.rank] += w
         self.total += w

@@ -3,7 +3,8 @@
 Linux keeps one high-water mark per process (VmHWM); writing "5" to /proc/self/clear_refs resets it to the
 current RSS. `PhasePeaks` reads and resets it at each phase boundary (after handing freed heap pages back,
 `release_freed_memory`), so the server can log what each phase of a round (sending the slices, receiving
-and merging the replies, evaluating) peaked at, and still report the process's overall peak. Where /proc is missing (not Linux) everything is None.
+and merging the replies, evaluating) peaked at, and still report the process's overall peak. Where /proc
+is missing (not Linux) the readings are None. The bench scripts read memory through these functions too.
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ import ctypes
 import ctypes.util
 
 
-def memory_gb(field: str) -> float | None:
-    """VmRSS / VmHWM (peak) of this process in GB (None where there is none)."""
+def status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """VmRSS / VmHWM (peak) of this process (or of `pid`) in bytes (None where there is none)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
     except (OSError, StopIteration, ValueError):
         return None
-    return kib * 1024 / 1e9
+    return kib * 1024
+
+
+def memory_gb(field: str) -> float | None:
+    """status_bytes in GB."""
+    b = status_bytes(field)
+    return None if b is None else b / 1e9
 
 
 def _libc():
@@ -41,7 +48,8 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where /proc does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -56,7 +64,7 @@ class PhasePeaks:
     def __init__(self):
         self.phases: dict[str, float] = {}
         self._overall = memory_gb("VmHWM") or 0.0
-        self._resettable = _reset_peak()
+        self._resettable = reset_peak()
 
     def mark(self, name: str) -> None:
         peak = memory_gb("VmHWM")
@@ -65,7 +73,7 @@ class PhasePeaks:
         self.phases[name] = peak
         self._overall = max(self._overall, peak)
         release_freed_memory()
-        self._resettable = _reset_peak()
+        self._resettable = reset_peak()
 
     def overall(self) -> float | None:
         """The process's peak RSS since it started (the high-water marks of every phase, and of now)."""

@@ -3,9 +3,9 @@
 Some replies cannot be merged on arrival (the outlier check needs three replies to judge the first two; the robust
 median needs every reply of a rank group). Held in RAM, the server's memory would grow with the number of clients
 (up to ~4.4 GB per reply at Llama 3.2 3B). SpillDir.park writes a reply one file per tensor: the tensor's raw bytes in
-C order, its dtype and shape kept beside the path in the SpilledState (a non-contiguous view is written a run of rows
-at a time, so parking copies at most one run, never the whole tensor). Each tensor is dropped from the caller's dict
-as it is written. What holds memory afterwards: only what a reader asks for. SpilledState[k] reads one whole tensor
+C order, its dtype and shape kept beside the path in the SpilledState (a non-contiguous view is written a block at a
+time, aggregation.blocks, so parking copies at most one block, never the whole tensor). What holds memory
+afterwards: only what a reader asks for. SpilledState[k] reads one whole tensor
 back; SpilledState.rows(k, a, b) reads rows [a, b) of dim 0 alone (a seek and one read into a fresh tensor; no cache,
 no mmap), which is how the robust merge keeps one block of rows per reply resident, not one tensor.
 """
@@ -19,8 +19,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-# Values per write when a non-contiguous tensor is copied out a run of rows at a time (as aggregation.BLOCK_VALUES).
-_WRITE_VALUES = 1 << 22
+from .aggregation import blocks
 
 
 def _disk_error(where: str, e: OSError) -> OSError:
@@ -37,25 +36,23 @@ def _as_bytes(t: torch.Tensor):
 
 
 def _write(f, t: torch.Tensor) -> None:
-    """t's values in C order: in one write if contiguous, else a copied run of dim-0 rows at a time."""
+    """t's values in C order: in one write if contiguous, else a compact copy of one block at a time."""
     if t.is_contiguous() or t.dim() == 0:
         f.write(_as_bytes(t))
         return
-    row = max(1, t.numel() // max(1, t.shape[0]))
-    step = max(1, _WRITE_VALUES // row)
-    for i in range(0, t.shape[0], step):
-        f.write(_as_bytes(t[i:i + step].contiguous()))
+    for (b,) in blocks(t):
+        f.write(_as_bytes(b.contiguous()))
 
 
 class SpilledState(Mapping):
     """A parked reply: name -> tensor, in the original order; every read loads from disk what it asks for."""
 
-    def __init__(self, files: dict[str, tuple[str, int, torch.dtype, torch.Size]]):
-        self._files = files  # name -> (path, bytes of tensor data, dtype, shape)
+    def __init__(self, files: dict[str, tuple[str, torch.dtype, torch.Size]]):
+        self._files = files  # name -> (path, dtype, shape)
 
     def _read(self, k: str, first: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A fresh tensor of `shape` filled from k's file, starting at its element `first` (f.seek + f.readinto)."""
-        path, _, dtype, _ = self._files[k]
+        path, dtype, _ = self._files[k]
         out = torch.empty(shape, dtype=dtype)
         if out.numel() == 0:
             return out
@@ -71,16 +68,16 @@ class SpilledState(Mapping):
         return out
 
     def __getitem__(self, k: str) -> torch.Tensor:
-        return self._read(k, 0, tuple(self._files[k][3]))
+        return self._read(k, 0, tuple(self.shape(k)))
 
     def shape(self, k: str) -> torch.Size:
         """k's shape, without reading it."""
-        return self._files[k][3]
+        return self._files[k][2]
 
     def rows(self, k: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of k's dim 0 (slice semantics: clipped to the tensor), read alone from disk; shape
         (stop - start, *shape[1:]). A 0-d tensor reads as one row of shape (1,)."""
-        shape = tuple(self._files[k][3]) or (1,)
+        shape = tuple(self.shape(k)) or (1,)
         start, stop, _ = slice(start, stop).indices(shape[0])
         stop = max(start, stop)
         row = math.prod(shape[1:])
@@ -99,36 +96,35 @@ class SpilledState(Mapping):
         os.remove(path)
         return t
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data still parked."""
-        return sum(entry[1] for entry in self._files.values())
-
 
 class SpillDir:
-    """One round's parked replies, in a temporary directory under parent; close() removes it and all in it."""
+    """One round's parked replies, in a temporary directory under parent; close() removes it and all in it, and
+    the folders above it that this SpillDir created (none is left behind that the operator did not make)."""
 
     def __init__(self, parent: str | os.PathLike):
+        parent = os.path.abspath(parent)
+        self._made: list[str] = []  # parent and its missing ancestors, deepest first
+        p = parent
+        while not os.path.exists(p):
+            self._made.append(p)
+            p = os.path.dirname(p)
         try:
             os.makedirs(parent, exist_ok=True)
             self.path = tempfile.mkdtemp(prefix="fedtp-spill-", dir=parent)
         except OSError as e:
-            raise _disk_error(os.fspath(parent), e) from e
+            self._remove_made_folders()
+            raise _disk_error(parent, e) from e
 
-    def park(self, state: dict[str, torch.Tensor], release: bool = True) -> SpilledState:
-        """Write state one raw file per tensor; release=True pops each tensor from state once it is written."""
+    def park(self, state: Mapping[str, torch.Tensor]) -> SpilledState:
+        """Write state one raw file per tensor (the caller's tensors are left as they are)."""
         sub, files = None, {}
         try:
             sub = tempfile.mkdtemp(prefix="reply-", dir=self.path)
-            for i, k in enumerate(list(state)):
-                t = state[k].detach()
+            for i, (k, t) in enumerate(state.items()):
                 path = os.path.join(sub, f"{i}.bin")
                 with open(path, "wb") as f:
-                    _write(f, t)
-                files[k] = (path, t.numel() * t.element_size(), t.dtype, t.shape)
-                del t
-                if release:
-                    del state[k]
+                    _write(f, t.detach())
+                files[k] = (path, t.dtype, t.shape)
         except OSError as e:
             if sub is not None:
                 shutil.rmtree(sub, ignore_errors=True)
@@ -137,6 +133,16 @@ class SpillDir:
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        """Remove the folders above self.path that this SpillDir created, where empty."""
+        for p in self._made:
+            try:
+                os.rmdir(p)  # only if empty: another round's or run's folder stays
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> SpillDir:
         return self

@@ -104,7 +104,6 @@ class _Round:
     norms: list = field(default_factory=list)  # update RMS of each checked reply, in arrival order
     received: int = 0  # array bytes received
     spill: SpillDir | None = None  # where kept replies are parked (made at the first one, removed at the close)
-    spill_made_parent: bool = False  # the spill folder's parent did not exist before
 
 
 class FederatedTensorParallel(Strategy):
@@ -300,9 +299,8 @@ class FederatedTensorParallel(Strategy):
             return state
         try:
             if rnd.spill is None:
-                rnd.spill_made_parent = not self.spill_parent.exists()
                 rnd.spill = SpillDir(self.spill_parent)
-            return rnd.spill.park(state, release=False)
+            return rnd.spill.park(state)
         except OSError as e:
             log(WARNING, "round %d: %s; this reply waits in memory instead", rnd.number, safe_text(e))
             return state
@@ -322,11 +320,6 @@ class FederatedTensorParallel(Strategy):
             if rnd.spill is not None:
                 rnd.spill.close()
                 rnd.spill = None
-                if rnd.spill_made_parent:  # leave no empty folder behind that the operator did not make
-                    try:
-                        self.spill_parent.rmdir()
-                    except OSError:
-                        pass
 
     def _merge_round(self, rnd: _Round, quorum_ended: bool) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for node, c, metrics, _ in rnd.waiting:  # fewer than 3 replies checked: no median to compare with

@@ -63,7 +63,7 @@ def _setup(args, n, world_size, vocab_parallel, dtype, seed=0):
 
 
 def _park(contribs, spill):
-    return [Contribution(c.rank, spill.park(dict(c.state), release=False), c.weight) for c in contribs]
+    return [Contribution(c.rank, spill.park(c.state), c.weight) for c in contribs]
 
 
 def _bits_equal(a, b):

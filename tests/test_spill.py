@@ -18,27 +18,35 @@ def test_round_trip_bit_exact_and_view_writes_only_its_bytes(tmp_path):
            "col": view}
     want = {k: v.clone() for k, v in src.items()}
     with SpillDir(tmp_path / "spill") as d:
-        parked = d.park(dict(src), release=False)
+        parked = d.park(src)
         assert list(parked) == list(src) and len(parked) == 4
         for k in want:
             assert _same(parked[k], want[k]) and _same(parked[k], want[k])  # re-read, no cache
-        assert parked.nbytes == sum(v.numel() * v.element_size() for v in want.values())
+        assert sum(os.path.getsize(parked._files[k][0]) for k in parked) == sum(
+            v.numel() * v.element_size() for v in want.values())
+        assert all(_same(src[k], want[k]) for k in want)  # the caller's tensors are left as they were
         col_file = parked._files["col"][0]
         assert os.path.getsize(col_file) < base.numel() * base.element_size() // 20
 
 
-def test_release_empties_input_and_pop_deletes_file(tmp_path):
+def test_pop_deletes_the_file_and_close_removes_the_folders_it_made(tmp_path):
     state = {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
     d = SpillDir(tmp_path / "new" / "parent")
     parked = d.park(state)
-    assert state == {}
+    assert list(state) == ["a", "b"]  # parking leaves the caller's dict alone
     path = parked._files["a"][0]
     x = parked.pop("a")
     assert torch.equal(x, torch.ones(3)) and not os.path.exists(path)
     assert "a" not in parked and list(parked) == ["b"]
     d.close()
     assert not os.path.exists(d.path)
+    assert not (tmp_path / "new").exists()  # both folders it created are gone, ...
+    assert tmp_path.exists()  # ... and nothing above them
     d.close()  # idempotent
+    (tmp_path / "mine").mkdir()
+    with SpillDir(tmp_path / "mine") as d:
+        d.park(state)
+    assert (tmp_path / "mine").exists() and not any((tmp_path / "mine").iterdir())  # an existing parent stays
 
 
 def test_unwritable_parent_names_directory(tmp_path):
@@ -63,14 +71,14 @@ def _cases():
             "one": base[3:4, 4], "empty": base[2:2].t()}  # one value of a strided view; (6, 0)
 
 
-@pytest.mark.parametrize("write_values", [1 << 22, 5])  # 5: non-contiguous tensors written a few rows at a time
-def test_rows_reads_any_range_bit_exact(tmp_path, monkeypatch, write_values):
-    import fedtp_flwr.spill as spill
+@pytest.mark.parametrize("block_values", [1 << 22, 5])  # 5: non-contiguous tensors written a few values at a time
+def test_rows_reads_any_range_bit_exact(tmp_path, monkeypatch, block_values):
+    from fedtp_flwr import aggregation
 
-    monkeypatch.setattr(spill, "_WRITE_VALUES", write_values)
+    monkeypatch.setattr(aggregation, "BLOCK_VALUES", block_values)  # spill writes by aggregation.blocks
     src = _cases()
     with SpillDir(tmp_path) as d:
-        parked = d.park(dict(src), release=False)
+        parked = d.park(src)
         for k, t in src.items():
             assert parked.shape(k) == t.shape
             assert os.path.getsize(parked._files[k][0]) == t.numel() * t.element_size()  # raw bytes, no header

@@ -15,7 +15,7 @@ import weakref
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from conftest import FakeGrid
 from fedtp_flwr.aggregation import Contribution, WeightedFold, aggregate_slices
@@ -161,6 +161,32 @@ def test_replies_alive_at_once_do_not_grow_with_the_number_of_nodes(tmp_path):
     for extra in ({}, {"outlier-norm-factor": 0.0}, {"rank-merge": "median"}, {"rank-merge": "trimmed-mean"}):
         assert live_replies_peak(3, **spill, **extra) == live_replies_peak(9, **spill, **extra) == 0, extra
     assert not (tmp_path / "spill").exists()  # each round's parked replies are removed, and the folder it made
+
+
+def test_slices_are_sent_one_rank_at_a_time():
+    """With W=2 and 6 nodes, each push carries one rank's messages, and when it is made only that rank's slice
+    record exists (counted among all live objects): one rank's encoded slice at a time, not W."""
+    full_rows = initial_state()["layers.0.attention.wq.weight"].shape[0]
+    pushes, live_slices = [], []
+
+    def slice_records() -> int:
+        gc.collect()
+        return sum(type(o) is ArrayRecord and "layers.0.attention.wq.weight" in o
+                   and o["layers.0.attention.wq.weight"].shape[0] < full_rows for o in gc.get_objects())
+
+    class Silent(FakeGrid):  # keeps no message
+        def push_messages(self, messages):
+            live_slices.append(slice_records())
+            pushes.append(sorted({m.content["config"]["rank"] for m in messages}))
+            return [f"m{len(pushes)}-{i}" for i in range(len(messages))]
+
+        def pull_messages(self, message_ids):
+            return []
+
+    s = FederatedTensorParallel(ARGS, RunConfig(world_size=2, min_available_nodes=1))
+    s.start(Silent(range(1, 7)), encode(initial_state()), num_rounds=1, timeout=0.1)
+    assert pushes == [[0], [1]]
+    assert live_slices == [1, 1]
 
 
 def test_a_round_ends_at_round_quorum_and_names_the_late_node(caplog):

@@ -11,7 +11,6 @@ ClientApp: decode the slice (fedtp_flwr.wire), re-encode it, send it back with i
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedtp_flwr.memory import reset_peak, status_bytes
 from fedtp_flwr.model import preset_args
 from fedtp_flwr.pull import pull_replies
 from fedtp_flwr.sharding import slice_shapes
@@ -28,20 +28,6 @@ from fedtp_flwr.wire import decode, encode, record_nbytes
 
 server = ServerApp()
 client = ClientApp()
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) * 1024 if m else 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def slice_prefix(min_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -68,8 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError("no node connected within 60 s")
 
     # 1-2. the slice and its ArrayRecord
-    out["rss_start"] = _status_bytes("VmRSS")
-    _reset_peak()
+    out["rss_start"] = status_bytes("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     state = slice_prefix(int(cfg["min-bytes"]))
     out["build_seconds"] = time.perf_counter() - t0
@@ -85,8 +71,8 @@ def main(grid: Grid, context: Context) -> None:
     out["encode_exact"] = all(torch.equal(sent[k].view(torch.int16), state[k].view(torch.int16)) for k in state)
     shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
     del state, sent
-    out["rss_before_send"] = _status_bytes("VmRSS")
-    out["peak_before_send"] = _status_bytes("VmHWM")
+    out["rss_before_send"] = status_bytes("VmRSS")
+    out["peak_before_send"] = status_bytes("VmHWM")
 
     # 3. the round trip through Flower: push, then pull with Flower's pull_messages or fedtp_flwr.pull (the
     # peak is reset in between, so each half has its own)
@@ -95,20 +81,20 @@ def main(grid: Grid, context: Context) -> None:
     how = str(cfg["pull"])
     out["pull"] = how
     t0 = time.perf_counter()
-    _reset_peak()
+    reset_peak()
     (mid,) = grid.push_messages([msg])
-    out["peak_push"] = _status_bytes("VmHWM")
-    out["rss_after_push"] = _status_bytes("VmRSS")
-    _reset_peak()
+    out["peak_push"] = status_bytes("VmHWM")
+    out["rss_after_push"] = status_bytes("VmRSS")
+    reset_peak()
     end, replies = time.time() + float(cfg["timeout"]), []
     while not replies and time.time() < end:
         replies = list(grid.pull_messages([mid])) if how == "flower" else pull_replies(grid, mid)
         if not replies:
             time.sleep(0.2)
     out["round_trip_seconds"] = time.perf_counter() - t0
-    out["peak_pull"] = _status_bytes("VmHWM")
+    out["peak_pull"] = status_bytes("VmHWM")
     out["peak_after_round_trip"] = max(out["peak_push"], out["peak_pull"])
-    out["rss_after_round_trip"] = _status_bytes("VmRSS")
+    out["rss_after_round_trip"] = status_bytes("VmRSS")
     if len(replies) != 1 or replies[0].has_error():
         raise RuntimeError(f"no valid reply: {[r.error if r.has_error() else 'ok' for r in replies]}")
     reply = replies[0]
@@ -131,18 +117,18 @@ def main(grid: Grid, context: Context) -> None:
         objects = get_all_nested_objects(m)
         out[f"{name}_objects"] = len(objects)
         out[f"{name}_object_bytes"] = sum(len(o.deflate()) for o in objects.values())
-    out["peak_final"] = max(out["peak_after_round_trip"], _status_bytes("VmHWM"))
+    out["peak_final"] = max(out["peak_after_round_trip"], status_bytes("VmHWM"))
     Path(str(cfg["result-path"])).write_text(json.dumps(out, indent=2))
 
 
 @client.train()
 def echo(msg: Message, context: Context) -> Message:
-    rss0 = _status_bytes("VmRSS")
+    rss0 = status_bytes("VmRSS")
     t0 = time.perf_counter()
     wire = str(msg.content["config"]["wire-dtype"])
     state = decode(msg.content["arrays"], wire, dtype=None, copy=False)  # read-only views of the bytes
     reply = encode(state, wire)
     metrics = MetricRecord({"decode-encode-seconds": time.perf_counter() - t0, "rss-at-start": rss0,
-                            "rss-before-reply": _status_bytes("VmRSS"), "peak-rss-before-reply": _status_bytes("VmHWM"),
+                            "rss-before-reply": status_bytes("VmRSS"), "peak-rss-before-reply": status_bytes("VmHWM"),
                             "num-examples": 1})
     return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
