@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtp_flwr.client import evaluate_reply, train_reply
+from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.config import RunConfig
 
 app = ClientApp()

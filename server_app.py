@@ -1,9 +1,9 @@
-"""Flower ServerApp: federated tensor-parallel fine-tuning (the logic lives in fedtp_flwr.server)."""
+"""Flower ServerApp: federated tensor-parallel fine-tuning (the logic lives in fedtp_flwr.server.app)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtp_flwr.server import run
+from fedtp_flwr.server.app import run
 
 app = ServerApp()
 

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from fedtp_flwr import memory
 from fedtp_flwr.model import ModelArgs, Transformer
-from fedtp_flwr.sharding import shard_args
+from fedtp_flwr.model.sharding import shard_args
+from fedtp_flwr.server import memory
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -43,7 +43,7 @@ TINY_BENCH_MODEL = dict(BENCH_MODEL, dim=128, n_layers=2, n_heads=8, n_kv_heads=
 
 
 def model_args(name: str) -> ModelArgs:
-    """'bench' / 'bench-tiny' (above) or a preset name of fedtp_flwr.model."""
+    """'bench' / 'bench-tiny' (above) or a preset name of fedtp_flwr.model.transformer."""
     from fedtp_flwr.model import preset_args
 
     if name == "bench":
@@ -55,7 +55,7 @@ def model_args(name: str) -> ModelArgs:
 
 def param_counts(args: ModelArgs, world_size: int) -> dict[str, int]:
     """Parameters of one rank's slice (meta device, nothing allocated): total, split and replicated."""
-    from fedtp_flwr.sharding import is_split
+    from fedtp_flwr.model.sharding import is_split
 
     with torch.device("meta"):
         sd = Transformer(shard_args(args, world_size)).state_dict()
@@ -104,7 +104,7 @@ def activation_profile(args: ModelArgs, batch: int, seq: int, autocast: bool = F
     `chunk_tokens` > 0: the loss as training computes it then (chunked_loss.chunked_token_loss)."""
     from unittest import mock
 
-    from fedtp_flwr.chunked_loss import chunked_token_loss
+    from fedtp_flwr.training.chunked_loss import chunked_token_loss
 
     if model is None:
         with torch.device("meta"):

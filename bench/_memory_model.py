@@ -35,17 +35,22 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import _common
 import torch
 from torch import nn
 
-import _common
-from fedtp_flwr import chunked_loss, context
-from fedtp_flwr.context import (DEQUANT_BYTES_PER_VALUE, ROW_BLOCK_VALUES, FrozenContextLinear, build_context_model,
-                                rest_shapes)
-from fedtp_flwr.model import ModelArgs, Transformer, build_model
-from fedtp_flwr.quant import QTensor, layout, quantize
-from fedtp_flwr.sharding import shard_args, slice_shapes
-from fedtp_flwr.training import STEP_BLOCK_VALUES
+from fedtp_flwr.model import ModelArgs, Transformer, build_model, context
+from fedtp_flwr.model.context import (
+    DEQUANT_BYTES_PER_VALUE,
+    ROW_BLOCK_VALUES,
+    FrozenContextLinear,
+    build_context_model,
+    rest_shapes,
+)
+from fedtp_flwr.model.quant import QTensor, layout, quantize
+from fedtp_flwr.model.sharding import shard_args, slice_shapes
+from fedtp_flwr.training import chunked_loss
+from fedtp_flwr.training.loop import STEP_BLOCK_VALUES
 
 # The run-config keys of a memory option, with today's defaults (README: "Llama 3.2 3B on GPUs").
 BASELINE = {"slice-mode": "independent", "context-bits": 4, "context-group-size": 64, "vocab-parallel": False,

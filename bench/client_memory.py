@@ -36,13 +36,13 @@ import itertools
 import sys
 import time
 
-import torch
-
 import _common
 import _memory_model as mm
-from fedtp_flwr.sharding import valid_world_sizes
-from fedtp_flwr import training
+import torch
+
+from fedtp_flwr.model.sharding import valid_world_sizes
 from fedtp_flwr.training import TrainSettings, train_local
+from fedtp_flwr.training import loop as training
 
 _CTX = {"slice-mode": "context"}
 _VOCAB = {**_CTX, "vocab-parallel": True}

@@ -38,20 +38,20 @@ import time
 import uuid
 from functools import lru_cache
 
+import _common
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.serde import message_to_proto
 from flwr.app.message.message import remove_content_from_message
+from flwr.common.serde import message_to_proto
 from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
 from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.task_identity import TaskIdentity
 
-import _common
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.model import ModelArgs, Transformer
-from fedtp_flwr.sharding import REPLICATE, rule_for, shard, slice_shapes, valid_world_sizes
-from fedtp_flwr.strategy import FederatedTensorParallel
+from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard, slice_shapes, valid_world_sizes
+from fedtp_flwr.server.strategy import FederatedTensorParallel
 from fedtp_flwr.wire import encode, record_nbytes
 
 WIRE_DTYPES = ("float32", "bfloat16")  # the two worth reporting (float16 moves as many bytes as bfloat16)

@@ -3,7 +3,7 @@
 For each world size (default 2 and 4, then the full model for comparison while time remains), the rank-0
 slice is built on the meta device and materialised directly on the GPU (`build_model(..., seed=None)`, i.e.
 `to_empty(device="cuda")`, then a normal(0, 0.02) init drawn on the GPU), so host RAM is never a limit.
-It is trained by `fedtp_flwr.training.train_local` exactly as a client trains it: bf16 autocast over
+It is trained by `fedtp_flwr.training.loop.train_local` exactly as a client trains it: bf16 autocast over
 float32 master weights, fused AdamW, gradient clipping, optionally gradient checkpointing. One optimizer is
 kept across a warm-up call and a timed call, so allocating the AdamW state is not timed.
 
@@ -51,8 +51,9 @@ if str(_BENCH) not in sys.path:  # also importable as a module from the tests
 import _common  # noqa: E402
 import _memory_model as mm  # noqa: E402
 import client_memory  # noqa: E402
+
 from fedtp_flwr.model import build_model  # noqa: E402
-from fedtp_flwr.sharding import shard_args, valid_world_sizes  # noqa: E402
+from fedtp_flwr.model.sharding import shard_args, valid_world_sizes  # noqa: E402
 from fedtp_flwr.training import TrainSettings, make_optimizer, train_local  # noqa: E402
 
 

@@ -44,20 +44,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import torch
 from flwr.app import ArrayRecord, MessageType
 
-import _common
-import fedtp_flwr.training
-from fedtp_flwr.checkpoint import save_meta_checkpoint
-from fedtp_flwr.context import build_context_model, context_rest, quantize_rest, rest_shapes
-from fedtp_flwr.data import ByteTokenizer, build_dataset, builtin_corpus_path, eval_batches, iterate_batches, load_examples
-from fedtp_flwr.inprocess import InProcessGrid
+import fedtp_flwr.training.loop
+from fedtp_flwr.data import (
+    ByteTokenizer,
+    build_dataset,
+    builtin_corpus_path,
+    eval_batches,
+    iterate_batches,
+    load_examples,
+)
 from fedtp_flwr.model import ModelArgs, Transformer, build_model, preset_args
-from fedtp_flwr.outputs import read_results
-from fedtp_flwr.quant import quantized_nbytes
-from fedtp_flwr.server import run as server_run
-from fedtp_flwr.sharding import is_split, shard, shard_args, slice_shapes
+from fedtp_flwr.model.checkpoint import save_meta_checkpoint
+from fedtp_flwr.model.context import build_context_model, context_rest, quantize_rest, rest_shapes
+from fedtp_flwr.model.quant import quantized_nbytes
+from fedtp_flwr.model.sharding import is_split, shard, shard_args, slice_shapes
+from fedtp_flwr.server.app import run as server_run
+from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
 from fedtp_flwr.wire import record_nbytes
 
@@ -365,8 +372,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     if not a.verbose:  # the server's per-round log and the clients' progress bars, hundreds of lines
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        bar = fedtp_flwr.training.tqdm
-        fedtp_flwr.training.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+        bar = fedtp_flwr.training.loop.tqdm
+        fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     t_start = time.perf_counter()
     ckpt, pre = pretrain(a)
     args = preset_args(PRESET)

@@ -2,7 +2,7 @@
 
 `flwr run .` runs the defaults of pyproject.toml's [tool.flwr.app.config] on a local simulation with two
 SuperNodes (partition-id 0 and 1 of 2). This script runs the very same ServerApp logic (`server.run`), Strategy
-and ClientApp logic over `fedtp_flwr.inprocess.InProcessGrid` with the same two partitions, in one process,
+and ClientApp logic over `fedtp_flwr.testing.inprocess.InProcessGrid` with the same two partitions, in one process,
 and records what the README's "What a run prints and writes" shows: the held-out loss and perplexity after every
 round (round 0: before training), the megabytes of slices sent and received per round, and the wall time.
 Outputs (checkpoints, eval files) go to a temporary folder that is removed afterwards.
@@ -18,12 +18,12 @@ import logging
 import re
 import tempfile
 import time
-import tomllib
 
 import _common
+import tomllib
 
-from fedtp_flwr.inprocess import InProcessGrid
-from fedtp_flwr.server import run
+from fedtp_flwr.server.app import run
+from fedtp_flwr.testing.inprocess import InProcessGrid
 
 HELD_OUT = re.compile(r"round (\d+): held-out loss ([\d.]+), perplexity ([\d.]+) \((\d+) tokens\)")
 SENT = re.compile(r"round (\d+): node -> rank .*; sending ([\d.]+) MB")

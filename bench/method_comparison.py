@@ -60,20 +60,20 @@ import sysconfig
 import time
 from pathlib import Path
 
+import _common
+import _memory_model
+import learning_quality as lq
+import memory_options_quality as moq
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-import _common
-import _memory_model
-import fedtp_flwr.training
-import learning_quality as lq
-import memory_options_quality as moq
-from fedtp_flwr.checkpoint import load_checkpoint, save_meta_checkpoint
-from fedtp_flwr.client import local_dataset, node_seed
+import fedtp_flwr.training.loop
+from fedtp_flwr.client.app import local_dataset, node_seed
 from fedtp_flwr.data import build_dataset, eval_batches, iterate_batches, load_examples, load_tokenizer
-from fedtp_flwr.inprocess import InProcessGrid
 from fedtp_flwr.model import ModelArgs, build_model, preset_args
+from fedtp_flwr.model.checkpoint import load_checkpoint, save_meta_checkpoint
+from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
 from fedtp_flwr.wire import decode, encode, record_nbytes
 
@@ -549,8 +549,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    bar = fedtp_flwr.training.tqdm
-    fedtp_flwr.training.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+    bar = fedtp_flwr.training.loop.tqdm
+    fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     out = Path(a.out) if a.out else _common.RESULTS_DIR / "method_comparison.json"
     settings = {k: v for k, v in vars(a).items() if k not in ("plan", "cache_dir", "out", "only")}
     settings["cache_dir"] = os.path.relpath(a.cache_dir, _common.REPO_ROOT)

@@ -6,7 +6,7 @@ Three operations, each in a fresh Python process (peak RSS measured separately, 
   copy-float32  the floor for an output in float32 (the server's global model is float32 and so are merge's
              and aggregate's outputs): a new float32 tensor per parameter, copy_ (convert) of the old one
   merge      fedtp_flwr.sharding.merge(shards, args): concatenate split parameters, average replicated ones
-  aggregate  fedtp_flwr.aggregation.aggregate_slices(global, contributions, args, W): what the server runs
+  aggregate  fedtp_flwr.server.aggregation.aggregate_slices(global, contributions, args, W): what the server runs
              each round (per-rank weighting, one reply per rank), which calls merge
 
 Inputs, built with torch.empty and written once (values do not matter for time; written pages are resident):
@@ -41,12 +41,12 @@ import dataclasses
 import sys
 import time
 
+import _common
 import torch
 
-import _common
-from fedtp_flwr.aggregation import Contribution, aggregate_slices
 from fedtp_flwr.model import Transformer
-from fedtp_flwr.sharding import REPLICATE, merge, rule_for, shard
+from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
+from fedtp_flwr.server.aggregation import Contribution, aggregate_slices, merge
 
 OPS = ("copy", "copy-float32", "merge", "aggregate")
 

@@ -11,7 +11,7 @@ The streaming server's round has two memory peaks (the ServerApp logs each phase
 - sending: the global model (float32 record, M), one rank's encoded slice (R bytes; slices go out one rank
   at a time) and what Flower's push adds while it deflates it (p R);
 - receiving and merging: the global model (M), the running sums (M, which become the merged record) and the
-  reply being pulled (q R: fedtp_flwr.pull assembles each array in one buffer, q ~ 1.1).
+  reply being pulled (q R: fedtp_flwr.server.pull assembles each array in one buffer, q ~ 1.1).
 - evaluating: the global model and the merged one (2 M), and the held-out batch's float32 logits and
   cross-entropy's log-softmax (E = 2 x max-batch-size x max-seq-len x vocab x 4 B; 4.2 GB with the 3B
   recipe's 8 x 512, negligible with this script's byte vocabulary).
@@ -34,16 +34,15 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import _common
+import tomllib
 
-from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
-from fedtp_flwr.memory import status_bytes
-
-from fedtp_flwr.checkpoint import save_meta_checkpoint  # noqa: E402
 from fedtp_flwr.model import ModelArgs, build_model  # noqa: E402
+from fedtp_flwr.model.checkpoint import save_meta_checkpoint  # noqa: E402
+from fedtp_flwr.server.memory import status_bytes
+from fedtp_flwr.testing.flower_harness import Deployment, find_tagged_processes
 
 PEAK_RE = re.compile(r"ServerApp memory: peak RSS ([\d.]+) GB, RSS at start ([\d.]+) GB")
 MB_RE = re.compile(r"round (\d+): (\d+) valid repl\w+, ([\d.]+) MB received")
@@ -106,7 +105,7 @@ def accounting(runs: list[dict], model_bytes: int, reply_bytes: int) -> tuple[di
     """The server's peak as the module docstring counts it, checked against the runs and applied to 3B.
 
     peak = RSS at start + max(sending: M + (1 + p) R, receiving: 2 M + q R), p and q the ServerApp's
-    per-byte push and pull figures of bench/results/transport.json (fedtp_flwr.pull)."""
+    per-byte push and pull figures of bench/results/transport.json (fedtp_flwr.server.pull)."""
     transport = _common.RESULTS_DIR / "transport.json"
     fedtp = json.loads(transport.read_text())["by_pull"]["fedtp"]
     p, q = fedtp["push_added_rss_per_byte"], fedtp["pull_added_rss_per_byte"]

@@ -36,8 +36,9 @@ _BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [p for p in (str(_BENCH), str(_BENCH.parent)) if p not in sys.path]
 
 import _common  # noqa: E402
+
 from fedtp_flwr.model import build_model, count_parameters  # noqa: E402
-from fedtp_flwr.sharding import shard_args, valid_world_sizes  # noqa: E402
+from fedtp_flwr.model.sharding import shard_args, valid_world_sizes  # noqa: E402
 from fedtp_flwr.training import TrainSettings, autocast_dtype, make_optimizer, train_local  # noqa: E402
 
 RESULTS = _BENCH / "results" / "train_throughput.json"

@@ -29,8 +29,8 @@ import time
 
 import _common
 
-from fedtp_flwr.flower_harness import Deployment, find_tagged_processes
-from fedtp_flwr.memory import status_bytes
+from fedtp_flwr.server.memory import status_bytes
+from fedtp_flwr.testing.flower_harness import Deployment, find_tagged_processes
 
 APP_DIR = _common.BENCH_DIR / "transport_app"
 
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     p.add_argument("--min-bytes", type=float, default=1e9, help="array bytes to send (the slice prefix reaches it)")
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--pulls", default="flower,fedtp",
-                   help="how the ServerApp pulls the echo: flower (Grid.pull_messages), fedtp (fedtp_flwr.pull)")
+                   help="how the ServerApp pulls the echo: flower (Grid.pull_messages), fedtp (fedtp_flwr.server.pull)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     pulls = [x for x in a.pulls.split(",") if x]
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     _common.table(["pull", "push: peak RSS added per byte", "pull: peak RSS added per byte", "round trip (s)",
                    "echo exact"], pull_rows,
                   title="ServerApp memory per half of the round trip, by how the reply is pulled "
-                        "(pull: Flower's Grid.pull_messages, or fedtp_flwr.pull, which assembles each array in place)")
+                        "(pull: Flower's Grid.pull_messages, or fedtp_flwr.server.pull, which assembles each array in place)")
     result = {"server_app": s, "superlink_peak_rss": superlink_peak, "supernode_peak_rss": supernode_peak,
               "processes_at_end": processes, "all_processes_rss_peak": together, "run_status": run.status,
               "run_seconds": run.duration_s,

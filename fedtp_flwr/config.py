@@ -10,20 +10,21 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-# Each set of choices is declared once, next to the code that implements it; the keys below use them.
-from .aggregation import WEIGHTINGS
-from .data.partition import SCHEMES
-from .quant import BITS
-from .robust import RULES
-from .data.files import FORMATS as DATA_FORMATS
-from .training import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS, SettingError, TrainSettings
-from .wire import WIRE_DTYPES
+# Each set of choices is declared once, next to the code that implements it, in a module both apps load (the
+# server's merge rules are declared here instead, so that the ClientApp never imports the server's code).
+from fedtp_flwr.data.files import FORMATS as DATA_FORMATS
+from fedtp_flwr.data.partition import SCHEMES
+from fedtp_flwr.model.quant import BITS
+from fedtp_flwr.training.settings import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS, SettingError, TrainSettings
+from fedtp_flwr.wire import WIRE_DTYPES
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 SLICE_MODES = ("independent", "context")
+WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split parameter's replies are weighted
+ROBUST_RULES = ("median", "trimmed-mean")  # server/robust.py: coordinate-wise rules within a rank group
 MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
-RANK_MERGES = ("mean",) + RULES
+RANK_MERGES = ("mean",) + ROBUST_RULES
 # Keys whose values a client's TrainSettings takes as they are: TrainSettings' own checks are their rules
 # (RunConfig.__post_init__ runs them at start and names the key), so each rule is written once.
 TRAIN_SETTINGS_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_schedule", "warmup_steps", "local_steps",

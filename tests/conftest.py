@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtp_flwr import flower_harness as fh
-
 from fedtp_flwr.model import ModelArgs, Transformer, build_model, preset_args
-from fedtp_flwr.outputs import read_results
-from fedtp_flwr.sharding import slice_shapes
+from fedtp_flwr.model.sharding import slice_shapes
+from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.testing import flower_harness as fh
 
 APP_DIR = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -203,8 +202,8 @@ ATTACKER = 3  # node 3 shares rank 0 with node 1 when three nodes run at world s
 def run_in_process(out: Path, handler=None, n_nodes: int = 3, grid_cls=None, **overrides) -> list[tuple]:
     """server.run of ATTACK_RUN (+ overrides) over the in-process grid; -> the results history
     [(round, held-out loss, perplexity)]."""
-    from fedtp_flwr.inprocess import InProcessGrid, handle
-    from fedtp_flwr.server import run
+    from fedtp_flwr.server.app import run
+    from fedtp_flwr.testing.inprocess import InProcessGrid, handle
 
     cfg = {**ATTACK_RUN, "output-dir": str(out), **overrides}
     grid = (grid_cls or InProcessGrid)([{"partition-id": i, "num-partitions": n_nodes} for i in range(n_nodes)], cfg,
@@ -218,7 +217,7 @@ def run_in_process(out: Path, handler=None, n_nodes: int = 3, grid_cls=None, **o
 def tampering(node: int, tamper, message_type: str = "train"):
     """A handler: every node replies honestly, except that `node`'s replies to `message_type` messages pass
     through tamper(reply, msg) -> the reply it sends instead."""
-    from fedtp_flwr.inprocess import handle
+    from fedtp_flwr.testing.inprocess import handle
 
     def handler(msg, cfg, node_config):
         reply = handle(msg, cfg, node_config)
@@ -231,7 +230,7 @@ def tampering(node: int, tamper, message_type: str = "train"):
 
 def failing(node: int):
     """A handler whose `node` raises (its reply is an error: the run without that node's updates)."""
-    from fedtp_flwr.inprocess import handle
+    from fedtp_flwr.testing.inprocess import handle
 
     def handler(msg, cfg, node_config):
         if msg.metadata.dst_node_id == node:
@@ -302,7 +301,8 @@ COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japa
 
 def train_tokenizer(specials: list[str], vocab_size: int = 400):
     """A byte-level BPE trained on the chat data's own words (deterministic, well under a second)."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -18,12 +18,12 @@ import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
-from fedtp_flwr import aggregation
-from fedtp_flwr.aggregation import Contribution, WeightedFold, blocks
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.replies import ReplyError, check_reply
-from fedtp_flwr.robust import update_rms
-from fedtp_flwr.sharding import REPLICATE, rule_for, shard, slice_shapes
+from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard, slice_shapes
+from fedtp_flwr.server import aggregation
+from fedtp_flwr.server.aggregation import Contribution, WeightedFold, blocks
+from fedtp_flwr.server.replies import ReplyError, check_reply
+from fedtp_flwr.server.robust import update_rms
 from fedtp_flwr.wire import WIRE_DTYPES, encode
 
 ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=32, multiple_of=8)

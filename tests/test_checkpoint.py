@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 
-from fedtp_flwr.checkpoint import (
-    CheckpointError, export_hf, load_checkpoint, load_hf_checkpoint, load_meta_checkpoint, load_model,
+from fedtp_flwr.model import ModelArgs, build_model
+from fedtp_flwr.model.checkpoint import (
+    CheckpointError,
+    export_hf,
+    load_checkpoint,
+    load_hf_checkpoint,
+    load_meta_checkpoint,
+    load_model,
     save_meta_checkpoint,
 )
-from fedtp_flwr.model import ModelArgs, build_model
 
 transformers = pytest.importorskip("transformers")
 

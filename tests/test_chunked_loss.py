@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedtp_flwr.chunked_loss import chunked_token_loss
 from fedtp_flwr.data.loss import token_loss
 from fedtp_flwr.model import build_model, preset_args
+from fedtp_flwr.training.chunked_loss import chunked_token_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])

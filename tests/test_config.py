@@ -1,9 +1,9 @@
 """The run config: one typed object, in step with pyproject.toml and the README."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedtp_flwr.config import ConfigError, RunConfig
 
@@ -74,7 +74,7 @@ def test_unknown_key_is_refused():
 
 
 def test_local_epochs_replace_local_steps():
-    from fedtp_flwr.client import local_step_count
+    from fedtp_flwr.client.app import local_step_count
 
     steps = RunConfig.from_run_config({"local-steps": 7, "batch-size": 4, "grad-accum-steps": 2})
     assert local_step_count(steps, n_rows=1000) == 7
@@ -85,7 +85,7 @@ def test_local_epochs_replace_local_steps():
 
 def test_every_strategy_choice_builds_its_flower_strategy():
     from fedtp_flwr.config import STRATEGIES
-    from fedtp_flwr.strategy import make_inner_strategy
+    from fedtp_flwr.server.strategy import make_inner_strategy
 
     built = {name: type(make_inner_strategy(RunConfig(strategy=name))).__name__ for name in STRATEGIES}
     assert built == {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
@@ -93,8 +93,14 @@ def test_every_strategy_choice_builds_its_flower_strategy():
 
 
 def test_choice_sets_are_the_implementing_modules_own():
-    from fedtp_flwr import aggregation, quant, robust, training, wire
+    import torch
+
+    from fedtp_flwr import training, wire
+    from fedtp_flwr.config import ROBUST_RULES, WEIGHTINGS
     from fedtp_flwr.data import partition
+    from fedtp_flwr.model import preset_args, quant
+    from fedtp_flwr.server.aggregation import WeightedFold
+    from fedtp_flwr.server.robust import robust_mean
 
     keys = RunConfig.keys()
     choices = {k: tuple(f.metadata["choices"]) for k, f in keys.items()}
@@ -105,5 +111,10 @@ def test_choice_sets_are_the_implementing_modules_own():
     assert choices["precision"] == training.PRECISIONS
     assert choices["optimizer"] == training.OPTIMIZERS
     assert choices["client-param-dtype"] == tuple(training.PARAM_DTYPES)
-    assert set(choices["merge-weighting"]) == {"auto", *aggregation.WEIGHTINGS}
-    assert set(choices["rank-merge"]) == {"mean", *robust.RULES}
+    # The server's rules are declared in config (a ClientApp must not import the server); each one is implemented.
+    assert set(choices["merge-weighting"]) == {"auto", *WEIGHTINGS}
+    assert set(choices["rank-merge"]) == {"mean", *ROBUST_RULES}
+    for weighting in WEIGHTINGS:
+        WeightedFold({}, preset_args("llama3.2-tiny"), 1, weighting)
+    for rule in ROBUST_RULES:
+        assert robust_mean([torch.ones(3), torch.ones(3)], rule).tolist() == [1.0, 1.0, 1.0]

@@ -10,18 +10,25 @@ import math
 
 import pytest
 import torch
+from conftest import CONTEXT_ARGS as ARGS
+from conftest import random_model, rel_err, tokens
 from flwr.app import Array, ArrayRecord
 
-from fedtp_flwr.context import (
-    FrozenContextLinear, build_context_model, context_rest, quantize_rest, rest_from_arrays, rest_shapes,
-    rest_to_arrays, split_names,
-)
 from fedtp_flwr.model import Transformer, build_model
-from fedtp_flwr.quant import dequantize
-from fedtp_flwr.sharding import REPLICATE, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
+from fedtp_flwr.model.context import (
+    FrozenContextLinear,
+    build_context_model,
+    context_rest,
+    quantize_rest,
+    rest_from_arrays,
+    rest_shapes,
+    rest_to_arrays,
+    split_names,
+)
+from fedtp_flwr.model.quant import dequantize
+from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
 from fedtp_flwr.training import TrainSettings, param_groups, train_local
 
-from conftest import CONTEXT_ARGS as ARGS, random_model, rel_err, tokens
 CASES = [(w, r) for w in (1, 2, 4) for r in range(w)]
 assert {1, 2, 4} <= set(valid_world_sizes(ARGS))  # every case really runs
 

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtp_flwr import flower_harness as fh
-
-from fedtp_flwr.outputs import read_results
+from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.testing import flower_harness as fh
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 

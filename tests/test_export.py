@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from fedtp_flwr.checkpoint import load_checkpoint
-from fedtp_flwr.export import export_run_checkpoint
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.outputs import RunOutputs
+from fedtp_flwr.model.checkpoint import load_checkpoint
+from fedtp_flwr.server.outputs import RunOutputs
+from fedtp_flwr.tools.export import export_run_checkpoint
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16, use_scaled_rope=True)
 

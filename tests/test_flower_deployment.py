@@ -27,17 +27,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtp_flwr import flower_harness as fh
+from fedtp_flwr.testing import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_simulation.py
-    from conftest import (APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks,
-                          small_config)
+    from conftest import APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks, small_config
 except ImportError:  # collected as a package
-    from tests.conftest import (APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines,  # type: ignore
-                                node_ranks, small_config)
+    from tests.conftest import APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks, small_config  # type: ignore
 
 from fedtp_flwr.model import build_model, preset_args
-from fedtp_flwr.sharding import is_split, shard
+from fedtp_flwr.model.sharding import is_split, shard
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")  # no test here may leave a process behind
 
@@ -232,9 +230,10 @@ def test_superlink_error_reply_for_a_lost_node_names_that_node(caplog: pytest.Lo
     from flwr.app import ConfigRecord, Error, Message, Metadata
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedtp_flwr.compat import set_message_id
     from fedtp_flwr.config import RunConfig
     from fedtp_flwr.model import ModelArgs
-    from fedtp_flwr.strategy import FederatedTensorParallel
+    from fedtp_flwr.server.strategy import FederatedTensorParallel
     from fedtp_flwr.wire import encode
 
     class Grid:
@@ -249,7 +248,7 @@ def test_superlink_error_reply_for_a_lost_node_names_that_node(caplog: pytest.Lo
         state = build_model(args, seed=0).state_dict()
         msgs = list(strategy.configure_train(1, encode(state), ConfigRecord(), Grid()))
         for i, m in enumerate(msgs):  # what the grid does when it pushes them
-            m.metadata.__dict__["_message_id"] = f"msg-{i}"
+            set_message_id(m.metadata, f"msg-{i}")
         lost = next(m for m in msgs if m.metadata.dst_node_id == 202)
         meta = Metadata(run_id=7, message_id="", src_node_id=1, dst_node_id=1,
                         reply_to_message_id=lost.metadata.message_id, group_id="", created_at=time.time(), ttl=60,
@@ -271,7 +270,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtp_flwr.client import evaluate_reply, train_reply
+from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.config import RunConfig
 
 app = ClientApp()

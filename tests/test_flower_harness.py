@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtp_flwr import flower_harness as fh
+from fedtp_flwr.testing import flower_harness as fh
 
 TOY_FILES = {
     "pyproject.toml": """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtp_flwr import flower_harness as fh
+from fedtp_flwr.testing import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_deployment.py
     from conftest import APP_DIR, EVAL_RE, ROUNDS, check_outputs, check_slices, small_config

@@ -1,4 +1,4 @@
-"""`python -m fedtp_flwr.generate`: greedy decoding equals transformers' on the exported model, top-p
+"""`python -m fedtp_flwr.tools.generate`: greedy decoding equals transformers' on the exported model, top-p
 sampling stays inside the nucleus, and the CLI reads run checkpoints and folders with their tokenizers."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedtp_flwr.data import ByteTokenizer, DataError
-from fedtp_flwr.generate import generate, load_for_generation, main, prompt_ids, sample_top_p
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.outputs import RunOutputs
+from fedtp_flwr.server.outputs import RunOutputs
+from fedtp_flwr.tools.generate import generate, load_for_generation, main, prompt_ids, sample_top_p
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260, multiple_of=16, max_seq_len=64,
                  rope_theta=10000.0)
@@ -39,7 +39,7 @@ def run_checkpoint(tmp_path, model, tokenizer_path="bytes"):
 
 def test_greedy_equals_transformers_generate_on_the_exported_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from fedtp_flwr.checkpoint import export_hf
+    from fedtp_flwr.model.checkpoint import export_hf
 
     model = spiky_model()
     export_hf(model.state_dict(), ARGS, tmp_path / "hf", dtype=torch.float32)

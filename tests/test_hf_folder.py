@@ -16,12 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtp_flwr.checkpoint import export_hf, load_checkpoint, load_model
 from fedtp_flwr.config import ConfigError
-from fedtp_flwr.data import (Chat, DataError, HFTokenizer, Tokenizer, build_dataset, encode_chat, encode_prompt,
-                             load_examples, load_tokenizer)
-from fedtp_flwr.export import export_run_checkpoint
-from fedtp_flwr.outputs import read_results
+from fedtp_flwr.data import (
+    Chat,
+    DataError,
+    HFTokenizer,
+    Tokenizer,
+    build_dataset,
+    encode_chat,
+    encode_prompt,
+    load_examples,
+    load_tokenizer,
+)
+from fedtp_flwr.model.checkpoint import export_hf, load_checkpoint, load_model
+from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.tools.export import export_run_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,8 +159,8 @@ def test_an_exported_folder_carries_the_tokenizer_transformers_reads(tmp_path):
 
 
 def run_app(tmp_path: Path, folder: Path, **overrides) -> list:
-    from fedtp_flwr.inprocess import InProcessGrid
-    from fedtp_flwr.server import run
+    from fedtp_flwr.server.app import run
+    from fedtp_flwr.testing.inprocess import InProcessGrid
 
     cfg = {"checkpoint-dir": str(folder), "world-size": 3, "num-server-rounds": 2, "local-steps": 6,
            "batch-size": 4, "max-seq-len": 64, "learning-rate": 3e-3, "eval-batches": 0, "max-batch-size": 8,
@@ -237,7 +246,7 @@ def test_a_smollm_style_folder_with_a_49k_vocabulary_fine_tunes_on_text(tmp_path
 @pytest.mark.usefixtures("no_leftover_processes")
 def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
     """The same folder and data through `flwr run . --stream` with three simulated SuperNodes."""
-    from fedtp_flwr import flower_harness as fh
+    from fedtp_flwr.testing import flower_harness as fh
     try:
         from conftest import APP_DIR
     except ImportError:  # collected as a package
@@ -266,7 +275,7 @@ def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
 def test_a_client_whose_tokenizer_does_not_fit_the_model_says_so(tmp_path):
     """In deployment each node reads checkpoint-dir / tokenizer-path on its own disk; a different tokenizer
     there is refused with both numbers, before any training."""
-    from fedtp_flwr.client import local_dataset
+    from fedtp_flwr.client.app import local_dataset
     from fedtp_flwr.config import RunConfig
 
     folder = make_folder(tmp_path / "hf")

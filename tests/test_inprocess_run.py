@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedtp_flwr.config import ConfigError
-from fedtp_flwr.inprocess import InProcessGrid, handle
-from fedtp_flwr.outputs import load_run_checkpoint
-from fedtp_flwr.server import run
+from fedtp_flwr.server.app import run
+from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.testing.inprocess import InProcessGrid, handle
 
 BASE = {"num-server-rounds": 2, "world-size": 2, "local-steps": 2, "batch-size": 2, "max-seq-len": 32,
         "eval-batches": 2, "max-batch-size": 4, "learning-rate": 1e-3}
@@ -159,7 +159,7 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     slices (the 128k-vocabulary preset, so the split rows are real), bf16 weights with torchao's
     stochastic-rounding AdamW, the step in backward, a chunked loss. Replies carry the vocabulary slice."""
     from fedtp_flwr.model import preset_args
-    from fedtp_flwr.sharding import slice_shapes
+    from fedtp_flwr.model.sharding import slice_shapes
 
     grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": 4, "vocab-parallel": True,
                            "client-param-dtype": "bfloat16", "optimizer-in-backward": True, "max-grad-norm": 0.0,

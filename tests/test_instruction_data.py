@@ -9,8 +9,20 @@ import re
 import pytest
 import torch
 
-from fedtp_flwr.data import (IGNORE_INDEX, ByteTokenizer, Chat, DataError, Example, Tokenizer, build_dataset,
-                             encode_chat, encode_prompt, eval_batches, iterate_batches, load_examples)
+from fedtp_flwr.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    Chat,
+    DataError,
+    Example,
+    Tokenizer,
+    build_dataset,
+    encode_chat,
+    encode_prompt,
+    eval_batches,
+    iterate_batches,
+    load_examples,
+)
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.training import evaluate
 
@@ -196,8 +208,8 @@ def test_chat_training_data_with_the_builtin_held_out_corpus(tmp_path):
     """data-format = "chat" applies to the files the run names; the built-in corpus stays text. (The
     byte tokenizer has no chat tokens, so the chat file is refused by name, after the held-out text
     built.)"""
-    from fedtp_flwr.inprocess import InProcessGrid
-    from fedtp_flwr.server import run
+    from fedtp_flwr.server.app import run
+    from fedtp_flwr.testing.inprocess import InProcessGrid
 
     cfg = {"model": "bytes-small", "tokenizer-path": "bytes", "data-format": "chat", "num-server-rounds": 1,
            "local-steps": 1, "max-seq-len": 32, "eval-batches": 1, "min-available-nodes": 1,

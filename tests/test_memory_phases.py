@@ -1,11 +1,11 @@
-"""fedtp_flwr.memory: each phase of a round gets its own peak RSS, and the process's overall peak is kept."""
+"""fedtp_flwr.server.memory: each phase of a round gets its own peak RSS, and the process's overall peak is kept."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedtp_flwr import memory
+from fedtp_flwr.server import memory
 
 
 def test_each_phase_has_its_own_peak_and_the_overall_peak_is_kept():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONTEXT_ARGS, random_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,11 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtp_flwr.checkpoint import hf_config, to_hf_state_dict
-from fedtp_flwr.model import (
-    ModelArgs, Transformer, build_model, count_parameters, ffn_hidden_dim, preset_args, rope_frequencies,
+from fedtp_flwr.model.checkpoint import hf_config, to_hf_state_dict
+from fedtp_flwr.model.sharding import is_split, split_fraction
+from fedtp_flwr.model.transformer import (
+    ModelArgs,
+    Transformer,
+    build_model,
+    count_parameters,
+    ffn_hidden_dim,
+    preset_args,
+    rope_frequencies,
 )
-from fedtp_flwr.sharding import is_split, split_fraction
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-import fedtp_flwr.training as training
+import fedtp_flwr.training.loop as training
 from fedtp_flwr.config import ConfigError, RunConfig
 from fedtp_flwr.model import build_model, preset_args
 from fedtp_flwr.training import InBackwardOptimizer, TrainSettings, train_local

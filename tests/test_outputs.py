@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from fedtp_flwr.outputs import RunOutputs, atomic_write, load_run_checkpoint, read_results
+from fedtp_flwr.server.outputs import RunOutputs, atomic_write, load_run_checkpoint, read_results
 
 
 class Evil:
@@ -98,7 +98,7 @@ def test_keep_checkpoints_keeps_the_latest_rounds_of_this_run_only(tmp_path):
 
 
 def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
-    import fedtp_flwr.outputs as outputs_module
+    import fedtp_flwr.server.outputs as outputs_module
 
     synced = []
     real = outputs_module.fsync_dir

@@ -1,4 +1,4 @@
-"""fedtp_flwr.pull: a reply assembled array by array from the SuperLink's objects (issue 12).
+"""fedtp_flwr.server.pull: a reply assembled array by array from the SuperLink's objects (issue 12).
 
 A stand-in for the SuperLink's Runtime API (PullMessages, PullObject, ConfirmMessageReceived) serves the objects
 Flower itself makes of a message, so the walk over the object tree is tested against Flower's own format; the
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
-from flwr.common.serde import message_to_proto
-from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
-from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
 from flwr.app.message import remove_content_from_message
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid
 
-from fedtp_flwr import pull
+from fedtp_flwr.server import pull
 from fedtp_flwr.wire import _npy_view, decode, encode
 
 pytestmark = pytest.mark.usefixtures("server_identity")

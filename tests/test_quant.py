@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedtp_flwr.quant import QMAX, QTensor, dequantize, quantize, quantized_nbytes
+from fedtp_flwr.model.quant import QMAX, QTensor, dequantize, quantize, quantized_nbytes
 
 # Per row, per group dividing the columns, and per group with a shorter last group (37 = 7 * 5 + 2).
 GROUPINGS = [None, 8, 5]

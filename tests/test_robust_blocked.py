@@ -8,11 +8,11 @@ import pytest
 import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-import fedtp_flwr.robust as robust
-from fedtp_flwr.aggregation import Contribution, merge_by_plan
+import fedtp_flwr.server.robust as robust
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.sharding import shard
-from fedtp_flwr.spill import SpillDir, SpilledState
+from fedtp_flwr.model.sharding import shard
+from fedtp_flwr.server.aggregation import Contribution, merge_by_plan
+from fedtp_flwr.server.spill import SpillDir, SpilledState
 
 ARGS = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=8)
 # norms of 8 values: with 7 values a block, the last run of one-value rows would be one value long

@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from fedtp_flwr.model import ModelArgs, Transformer, build_model, rope_tables
-from fedtp_flwr.sharding import (
-    merge, rule_for, shard, shard_args, slice_shapes, split_fraction, valid_world_sizes,
+from fedtp_flwr.model import ModelArgs, Transformer, build_model
+from fedtp_flwr.model.transformer import rope_tables
+from fedtp_flwr.sharding import (  # the public names (DESIGN.md)
+    merge,
+    rule_for,
+    shard,
+    shard_args,
+    slice_shapes,
+    split_fraction,
+    valid_world_sizes,
 )
 
 # GQA with 2 query heads per kv head; and 3 per kv head with an FFN multiplier (hidden 336).

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from fedtp_flwr.spill import SpillDir
+from fedtp_flwr.server.spill import SpillDir
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -73,7 +73,7 @@ def _cases():
 
 @pytest.mark.parametrize("block_values", [1 << 22, 5])  # 5: non-contiguous tensors written a few values at a time
 def test_rows_reads_any_range_bit_exact(tmp_path, monkeypatch, block_values):
-    from fedtp_flwr import aggregation
+    from fedtp_flwr.server import aggregation
 
     monkeypatch.setattr(aggregation, "BLOCK_VALUES", block_values)  # spill writes by aggregation.blocks
     src = _cases()

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.sharding import shard, slice_shapes
-from fedtp_flwr.strategy import FederatedTensorParallel, assign_ranks
+from fedtp_flwr.model.sharding import shard, slice_shapes
+from fedtp_flwr.server.strategy import FederatedTensorParallel, assign_ranks
 from fedtp_flwr.wire import decode, encode
-from conftest import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("server_identity")  # messages need a run id
 
@@ -246,7 +246,7 @@ def test_context_client_starts_from_the_global_models_function(bits, tol):
     """Through the real message path (strategy -> ArrayRecords -> client), a context-mode client's model at
     the start of a round computes what the global model computes: exactly with a bf16 rest (weights chosen
     bf16-representable), within a stated relative tolerance with an int8 rest."""
-    from fedtp_flwr.client import SliceJob, build_slice_model
+    from fedtp_flwr.client.app import SliceJob, build_slice_model
     from fedtp_flwr.model import Transformer
 
     s = make_strategy(world_size=2, slice_mode="context", context_bits=bits, context_group_size=0)

@@ -15,14 +15,15 @@ import weakref
 
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from conftest import FakeGrid
-from fedtp_flwr.aggregation import Contribution, WeightedFold, aggregate_slices
+from fedtp_flwr.compat import set_message_id
 from fedtp_flwr.config import ConfigError, RunConfig
-from fedtp_flwr.inprocess import InProcessGrid
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.strategy import FederatedTensorParallel
+from fedtp_flwr.server.aggregation import Contribution, WeightedFold, aggregate_slices
+from fedtp_flwr.server.strategy import FederatedTensorParallel
+from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.wire import decode, encode
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -57,7 +58,7 @@ class ScriptedGrid(FakeGrid):
         ids = []
         for m in messages:
             self.seq += 1
-            m.metadata.__dict__["_message_id"] = mid = f"m{self.seq}"
+            set_message_id(m.metadata, mid := f"m{self.seq}")
             self.queued[mid] = m
             ids.append(mid)
         return ids

@@ -158,8 +158,8 @@ def test_bytes_small_preset_matches_the_byte_tokenizer():
 
 def test_server_refuses_a_model_smaller_than_the_tokenizer(tmp_path):
     from fedtp_flwr.config import ConfigError
-    from fedtp_flwr.inprocess import InProcessGrid
-    from fedtp_flwr.server import run
+    from fedtp_flwr.server.app import run
+    from fedtp_flwr.testing.inprocess import InProcessGrid
 
     cfg = {"model": "bytes-small", "tokenizer-path": "", "output-dir": str(tmp_path), "num-server-rounds": 1}
     with pytest.raises(ConfigError, match="tokenizer-path.*128256.*vocab_size 260"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedtp_flwr.data import IGNORE_INDEX, token_loss
 from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.sharding import shard, shard_args
+from fedtp_flwr.model.sharding import shard, shard_args
 from fedtp_flwr.training import (
-    IGNORE_INDEX,
     TrainSettings,
     add_proximal_grad,
     evaluate,
@@ -19,7 +19,6 @@ from fedtp_flwr.training import (
     make_optimizer,
     param_groups,
     resolve_device,
-    token_loss,
     train_local,
 )
 

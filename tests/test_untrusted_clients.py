@@ -18,19 +18,19 @@ from flwr.serverapp.strategy import FedAdam, FedMedian, FedTrimmedAvg
 try:
     from conftest import ATTACKER, failing, run_in_process, tampering, with_arrays, with_content, with_metrics
 except ImportError:  # collected as a package
-    from tests.conftest import (ATTACKER, failing, run_in_process, tampering, with_arrays,  # type: ignore
-                                with_content, with_metrics)
+    from tests.conftest import ATTACKER, failing, run_in_process, tampering, with_arrays, with_content, with_metrics  # type: ignore
 
-from fedtp_flwr.aggregation import Contribution
-from fedtp_flwr.config import ConfigError, RunConfig
-from fedtp_flwr.inprocess import InProcessGrid
-from fedtp_flwr.model import ModelArgs, build_model
-from fedtp_flwr.outputs import load_run_checkpoint
-from fedtp_flwr.replies import safe_text
-from fedtp_flwr.robust import outliers, robust_aggregate_slices
-from fedtp_flwr.strategy import FederatedTensorParallel, message_ttl
-from fedtp_flwr.wire import decode, encode
 from conftest import FakeGrid
+
+from fedtp_flwr.config import ConfigError, RunConfig
+from fedtp_flwr.model import ModelArgs, build_model
+from fedtp_flwr.server.aggregation import Contribution
+from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.server.replies import safe_text
+from fedtp_flwr.server.robust import outliers, robust_aggregate_slices
+from fedtp_flwr.server.strategy import FederatedTensorParallel, message_ttl
+from fedtp_flwr.testing.inprocess import InProcessGrid
+from fedtp_flwr.wire import decode, encode
 
 ROUNDS = 2
 
@@ -286,7 +286,7 @@ def test_guard_keeps_the_previous_model_when_the_merged_loss_is_nan(server_ident
 
 
 def _contributions(state, n, world_size=1, seed=0):
-    from fedtp_flwr.sharding import shard
+    from fedtp_flwr.model.sharding import shard
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -312,7 +312,7 @@ def test_robust_merge_is_per_rank_group(server_identity):
     state = {k: v.detach().clone() for k, v in build_model(ARGS, seed=0).state_dict().items()}
     contribs = _contributions(state, 6, world_size=2)
     merged = robust_aggregate_slices(state, contribs, ARGS, 2, "median")
-    from fedtp_flwr.sharding import shard
+    from fedtp_flwr.model.sharding import shard
 
     for rank in range(2):
         group = [c for c in contribs if c.rank == rank]
@@ -365,7 +365,7 @@ def test_tokenizer_file_errors_never_echo_the_files_content(tmp_path):
 
 
 def test_a_reply_that_breaks_an_unforeseen_check_is_dropped_not_fatal(server_identity, caplog, monkeypatch):
-    import fedtp_flwr.strategy as strategy_module
+    import fedtp_flwr.server.strategy as strategy_module
 
     s, _, msgs = strategy_and_messages([1, 2])
 

@@ -8,17 +8,29 @@ splitting of independent sub-models, are refused with a message that says why.
 
 import pytest
 import torch
+from conftest import random_model, rel_err, tokens
 
-from fedtp_flwr.aggregation import Contribution, aggregate_slices
-from fedtp_flwr.chunked_loss import chunked_token_loss
 from fedtp_flwr.config import ConfigError, RunConfig
-from fedtp_flwr.context import FrozenContextEmbedding, build_context_model, context_rest, quantize_rest, split_names
 from fedtp_flwr.data.loss import token_loss
 from fedtp_flwr.model import ModelArgs
-from fedtp_flwr.sharding import (REPLICATE, check_world_size, merge, rule_for, shard, slice_shapes, split_fraction,
-                                 valid_world_sizes)
-
-from conftest import random_model, rel_err, tokens
+from fedtp_flwr.model.context import (
+    FrozenContextEmbedding,
+    build_context_model,
+    context_rest,
+    quantize_rest,
+    split_names,
+)
+from fedtp_flwr.model.sharding import (
+    REPLICATE,
+    check_world_size,
+    rule_for,
+    shard,
+    slice_shapes,
+    split_fraction,
+    valid_world_sizes,
+)
+from fedtp_flwr.server.aggregation import Contribution, aggregate_slices, merge
+from fedtp_flwr.training.chunked_loss import chunked_token_loss
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32)
 CASES = [(2, 0), (2, 1), (4, 3)]
@@ -142,7 +154,7 @@ def test_all_clients_merge_of_vocabulary_rows():
 def test_many_row_blocks_give_the_same_logits_and_gradients(monkeypatch):
     """Large layers rebuild their full weight a block of rows at a time (context.ROW_BLOCK_VALUES); with
     blocks of 100 values every layer here takes many blocks, of both split dims, and nothing changes."""
-    import fedtp_flwr.context as context
+    import fedtp_flwr.model.context as context
 
     full = random_model()
     x, t = tokens(1), tokens(2)

@@ -20,10 +20,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedtp_flwr.memory import reset_peak, status_bytes
 from fedtp_flwr.model import preset_args
-from fedtp_flwr.pull import pull_replies
-from fedtp_flwr.sharding import slice_shapes
+from fedtp_flwr.model.sharding import slice_shapes
+from fedtp_flwr.server.memory import reset_peak, status_bytes
+from fedtp_flwr.server.pull import pull_replies
 from fedtp_flwr.wire import decode, encode, record_nbytes
 
 server = ServerApp()
@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     out["rss_before_send"] = status_bytes("VmRSS")
     out["peak_before_send"] = status_bytes("VmHWM")
 
-    # 3. the round trip through Flower: push, then pull with Flower's pull_messages or fedtp_flwr.pull (the
+    # 3. the round trip through Flower: push, then pull with Flower's pull_messages or fedtp_flwr.server.pull (the
     # peak is reset in between, so each half has its own)
     msg = Message(RecordDict({"arrays": record, "config": ConfigRecord({"wire-dtype": wire})}),
                   dst_node_id=nodes[0], message_type=MessageType.TRAIN)

@@ -1,7 +1,7 @@
 """Export a run checkpoint to Hugging Face or Meta format.
 
-    python -m fedtp_flwr.export outputs/checkpoints/llama32_tiny_ws2_lr0.001_round3.pth out/hf --format hf
-    python -m fedtp_flwr.export <checkpoint.pth> out/meta --format meta
+    python -m fedtp_flwr.tools.export outputs/checkpoints/llama32_tiny_ws2_lr0.001_round3.pth out/hf --format hf
+    python -m fedtp_flwr.tools.export <checkpoint.pth> out/meta --format meta
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
-from .checkpoint import export_hf, save_meta_checkpoint
-from .data import load_tokenizer
-from .model import ModelArgs
-from .outputs import load_run_checkpoint
-from .wire import WIRE_DTYPES
+from fedtp_flwr.data import load_tokenizer
+from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.checkpoint import export_hf, save_meta_checkpoint
+from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.wire import WIRE_DTYPES
 
 DTYPES = WIRE_DTYPES  # the float dtypes this project reads and writes
 

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ModelArgs, Transformer
 from .quant import QTensor, dequantize, quantize
 from .sharding import REPLICATE, Split, block, check_world_size, full_shapes, rule_for, shard, slice_shapes
-
+from .transformer import ModelArgs, Transformer
 
 # ------------------------------------------------------------------------------------------- the rest
 

@@ -1,8 +1,8 @@
 """Try a fine-tuned model: print a completion of a prompt (greedy, or top-p sampling).
 
-    python -m fedtp_flwr.generate outputs/checkpoints/llama32_tiny_ws2_lr0.001_round3.pth --prompt "Shall I"
-    python -m fedtp_flwr.generate path/to/hf-or-meta-folder --chat --prompt "What is the capital of Peru?"
-    python -m fedtp_flwr.generate <checkpoint> --prompt "Once" --top-p 0.9 --temperature 0.6 --seed 1
+    python -m fedtp_flwr.tools.generate outputs/checkpoints/llama32_tiny_ws2_lr0.001_round3.pth --prompt "Shall I"
+    python -m fedtp_flwr.tools.generate path/to/hf-or-meta-folder --chat --prompt "What is the capital of Peru?"
+    python -m fedtp_flwr.tools.generate <checkpoint> --prompt "Once" --top-p 0.9 --temperature 0.6 --seed 1
 
 A run checkpoint (.pth) brings its own model args and the run's tokenizer (its tokenizer-path /
 checkpoint-dir settings); a Meta or Hugging Face folder brings its tokenizer if it has one (else Llama 3's);
@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import load_model
-from .data import encode_prompt, load_tokenizer
-from .model import ModelArgs, Transformer
-from .outputs import load_run_checkpoint
-from .training import resolve_device
+from fedtp_flwr.data import encode_prompt, load_tokenizer
+from fedtp_flwr.model import ModelArgs, Transformer
+from fedtp_flwr.model.checkpoint import load_model
+from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.training import resolve_device
 
 
 def load_for_generation(path: str | Path, tokenizer_path: Optional[str] = None, device="cpu"):

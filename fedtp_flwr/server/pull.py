@@ -21,25 +21,33 @@ naming what is wrong, like Flower's own reply for objects that never arrive; the
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-from flwr.app import Array, ArrayRecord, Message, Metadata
-from flwr.app.error import Error
-from flwr.app.message import make_message
-from flwr.common.constant import ErrorCode
-from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
-from flwr.supercore.constant import (HEAD_BODY_DIVIDER, PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF, PULL_MAX_TIME,
-                                     SYSTEM_MESSAGE_TYPE)
-from flwr.supercore.date import now
-from flwr.supercore.inflatable.inflatable_object import get_object_head_values_from_object_content
-from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
-from flwr.supercore.inflatable.inflatable_utils import (ObjectPullError, ObjectUnavailableError,
-                                                        inflatable_class_registry)
-from flwr.superlink.grid import HttpGrid
+from flwr.app import Array, ArrayRecord, Error, Message
+
+from fedtp_flwr.compat import (
+    PULL_BACKOFF_CAP,
+    PULL_INITIAL_BACKOFF,
+    PULL_MAX_TIME,
+    ConfirmMessageReceivedRequest,
+    ErrorCode,
+    HttpGrid,
+    ObjectPullError,
+    ObjectUnavailableError,
+    PullAppMessagesRequest,
+    array_layout,
+    error_reply_metadata,
+    inflatable_class,
+    make_message,
+    make_pull_object_fn_protobuf,
+    object_body,
+    object_head,
+    record_children,
+    runtime_client,
+    set_message_id,
+)
 
 Fetch = Callable[[str], bytes]
 
@@ -59,7 +67,7 @@ def pull_replies(grid, message_id: str, max_wait: float = PULL_MAX_TIME) -> list
 
 
 def _pull_one(grid: HttpGrid, message_id: str, max_wait: float) -> Message | None:
-    client, run_id = grid._runtime_client, grid.run.run_id  # noqa: SLF001 - the transport HttpGrid itself uses
+    client, run_id = runtime_client(grid), grid.run.run_id
     res = client.PullMessages(PullAppMessagesRequest(message_ids=[message_id]))
     if not res.messages_list:
         return None
@@ -78,7 +86,7 @@ def _pull_one(grid: HttpGrid, message_id: str, max_wait: float) -> Message | Non
         return _error_reply(grid, run_id, proto, ErrorCode.UNKNOWN,
                             f"the reply's objects do not form a Flower message ({type(e).__name__}: {e})")
     _confirm(grid, run_id, msg_id)
-    message.metadata.__dict__["_message_id"] = msg_id
+    set_message_id(message.metadata, msg_id)
     return message
 
 
@@ -90,14 +98,14 @@ def discard_replies(grid, message_ids: Iterable[str]) -> set[str]:
         return set()
     if not isinstance(grid, HttpGrid):
         return {m.metadata.reply_to_message_id for m in grid.pull_messages(ids)}
-    res = grid._runtime_client.PullMessages(PullAppMessagesRequest(message_ids=ids))  # noqa: SLF001
+    res = runtime_client(grid).PullMessages(PullAppMessagesRequest(message_ids=ids))
     for proto in res.messages_list:
         _confirm(grid, grid.run.run_id, proto.metadata.message_id)
     return {proto.metadata.reply_to_message_id for proto in res.messages_list}
 
 
 def _confirm(grid, run_id: int, msg_id: str) -> None:
-    grid._runtime_client.ConfirmMessageReceived(  # noqa: SLF001
+    runtime_client(grid).ConfirmMessageReceived(
         ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id, message_object_id=msg_id))
 
 
@@ -117,16 +125,12 @@ def _fetcher(pull: Fetch, max_wait: float) -> Fetch:
     return fetch
 
 
-def _body(content: bytes) -> memoryview:
-    return memoryview(content)[content.index(HEAD_BODY_DIVIDER) + len(HEAD_BODY_DIVIDER):]
-
-
 def _inflate(tree, fetch: Fetch):
     """The object at the root of `tree` (a Flower ObjectTree), its children first. An Array's chunks are
     appended into one buffer as they are fetched; nothing else of the reply is held twice."""
     content = fetch(tree.object_id)
-    obj_type, children_ids, _ = get_object_head_values_from_object_content(content)
-    cls = inflatable_class_registry.get(obj_type)
+    obj_type, children_ids = object_head(content)
+    cls = inflatable_class(obj_type)
     if cls is None or obj_type in ("Array", "ArrayChunk"):  # an Array is only read as an ArrayRecord's child
         raise MalformedReply(f"object {tree.object_id[:12]} has type {obj_type[:40]!r} here")
     subtrees = {t.object_id: t for t in tree.children}
@@ -142,7 +146,7 @@ def _inflate(tree, fetch: Fetch):
             children[cid] = _inflate(subtrees[cid], fetch)
     obj = cls.inflate(content, children=children)
     if buffers:  # ArrayRecord.inflate copies its Arrays, accepting only bytes: the data goes in afterwards
-        for name, cid in json.loads(bytes(_body(content)).decode("utf-8")).items():
+        for name, cid in record_children(object_body(content)).items():
             obj[name].data = buffers[cid]  # a bytearray: no second copy of the array's bytes
     return obj
 
@@ -150,28 +154,23 @@ def _inflate(tree, fetch: Fetch):
 def _inflate_array(tree, fetch: Fetch) -> tuple[Array, bytearray]:
     """An Array with empty data, and its data assembled from its chunks."""
     content = fetch(tree.object_id)
-    kind, children_ids, _ = get_object_head_values_from_object_content(content)
+    kind, children_ids = object_head(content)
     if kind != Array.__qualname__:
         raise MalformedReply(f"a child of an ArrayRecord has type {kind[:40]!r}")
-    meta = json.loads(bytes(_body(content)).decode("utf-8"))
-    order = [children_ids[i] for i in meta["arraychunk_ids"]]  # chunk ids in data order (repeats allowed)
+    dtype, shape, stype, order = array_layout(object_body(content), children_ids)  # chunk ids in data order
     data = bytearray()
     for cid in order:
         chunk = fetch(cid)
-        kind, _, _ = get_object_head_values_from_object_content(chunk)
+        kind, _ = object_head(chunk)
         if kind != "ArrayChunk":
             raise MalformedReply(f"a chunk of an Array has type {kind[:40]!r}")
-        data += _body(chunk)  # one chunk at a time: the buffer grows in place
+        data += object_body(chunk)  # one chunk at a time: the buffer grows in place
         del chunk
-    return Array(dtype=str(meta["dtype"]), shape=tuple(int(s) for s in meta["shape"]), stype=str(meta["stype"]),
-                 data=b""), data
+    return Array(dtype=dtype, shape=shape, stype=stype, data=b""), data
 
 
 def _error_reply(grid, run_id: int, proto, code: int, reason: str) -> Message:
     """A reply standing for one that could not be pulled, as Flower's HttpGrid makes it: from the SuperLink's
     node, replying to the original message (the strategy names the node it was meant for from that)."""
-    return make_message(
-        metadata=Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
-                          dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
-                          reply_to_message_id=proto.metadata.reply_to_message_id, created_at=now().timestamp()),
-        error=Error(code=code, reason=reason))
+    return make_message(metadata=error_reply_metadata(grid, run_id, proto.metadata.reply_to_message_id),
+                        error=Error(code=code, reason=reason))

@@ -25,14 +25,13 @@ tests/test_strategy.py bounds it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from .model import ModelArgs
-from .sharding import REPLICATE, rule_for, shard
-
-WEIGHTINGS = ("per-rank", "all-clients")
+from fedtp_flwr.config import WEIGHTINGS
+from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.sharding import REPLICATE, check_world_size, full_shapes, rule_for, shard
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
 # 16 MB in float32 / 32 MB in float64, so a pass's temporaries do not grow with the largest tensor
@@ -188,3 +187,34 @@ def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Seque
             else:
                 dst[k].copy_(old)
     return out
+
+
+def merge(
+    shards: Sequence[Mapping[str, torch.Tensor]], args: ModelArgs, weights: Optional[Sequence[float]] = None,
+    vocab_parallel: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Inverse of shard. `shards` are in rank order (len = world size). Split parameters are concatenated;
+    replicated parameters are averaged (with `weights`, normalised). With equal weights (the default) and
+    W a power of two, merge(shard(...)) is the identity bit for bit.
+
+    A thin caller of the server's merge (`aggregate_slices`, one reply per rank), so the tests of either
+    prove the other. Public as `fedtp_flwr.sharding.merge` (DESIGN.md)."""
+    world_size = len(shards)
+    check_world_size(args, world_size, vocab_parallel)
+    keys = list(shards[0].keys())
+    for r, s in enumerate(shards[1:], start=1):
+        if set(s.keys()) != set(keys):
+            diff = sorted(set(s.keys()) ^ set(keys))
+            raise KeyError(f"shard {r} has different keys from shard 0: {diff[:5]}")
+    if weights is None:
+        weights = [1.0] * world_size
+    if len(weights) != world_size or any(not w > 0 for w in weights):
+        raise ValueError(f"weights must be {world_size} positive numbers, got {weights}")
+    shapes = full_shapes(args)
+    unknown = sorted(set(keys) - set(shapes))
+    if unknown:
+        raise KeyError(f"shards hold parameters the model does not have: {unknown[:5]}")
+    # Every rank has a reply, so the "global" state only gives each output its shape and dtype.
+    frame = {k: torch.empty(shapes[k], dtype=shards[0][k].dtype, device="meta") for k in keys}
+    contributions = [Contribution(r, s, float(w)) for r, (s, w) in enumerate(zip(shards, weights))]
+    return aggregate_slices(frame, contributions, args, world_size, "per-rank", vocab_parallel)

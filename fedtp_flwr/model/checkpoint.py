@@ -20,8 +20,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from .model import LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT, ModelArgs, Transformer, ffn_hidden_dim
 from .sharding import full_shapes
+from .transformer import LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT, ModelArgs, Transformer, ffn_hidden_dim
 
 META_PARAMS = "params.json"
 META_WEIGHTS = "consolidated.00.pth"
@@ -425,7 +425,7 @@ def export_hf(
     (out_dir / HF_CONFIG).write_text(json.dumps(hf_config(args, stored, tokenizer), indent=2) + "\n")
     save_file(tensors, str(out_dir / HF_WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
-        from .data.tokenizer import save_hf_tokenizer
+        from fedtp_flwr.data.tokenizer import save_hf_tokenizer
 
         save_hf_tokenizer(tokenizer, out_dir)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_tokens),

@@ -20,8 +20,9 @@ from typing import Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedtp_flwr.wire import NUMPY_DTYPE, decode
+
 from .aggregation import blocks
-from .wire import NUMPY_DTYPE, decode
 
 # Metrics this project's client sends (besides the weight key), and that the server averages.
 # slice-parameters: the parameters this client received, trained and uploaded (its slice, never the model).

@@ -13,16 +13,17 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .checkpoint import load_checkpoint
-from .config import ConfigError, RunConfig
-from .data import build_dataset, builtin_corpus_path, eval_batches, load_examples, load_tokenizer
+from fedtp_flwr.config import ConfigError, RunConfig
+from fedtp_flwr.data import build_dataset, builtin_corpus_path, eval_batches, load_examples, load_tokenizer
+from fedtp_flwr.model import ModelArgs, build_model, preset_args
+from fedtp_flwr.model.checkpoint import load_checkpoint
+from fedtp_flwr.model.sharding import check_world_size
+from fedtp_flwr.training import evaluate, resolve_device
+from fedtp_flwr.wire import decode, encode
+
 from .memory import memory_gb
-from .model import ModelArgs, build_model, preset_args
 from .outputs import RunOutputs, load_run_checkpoint
-from .sharding import check_world_size
 from .strategy import FederatedTensorParallel
-from .training import evaluate, resolve_device
-from .wire import decode, encode
 
 
 def experiment_key(cfg: RunConfig) -> tuple:

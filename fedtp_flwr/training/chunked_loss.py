@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import compute_dtype, no_autocast
-from .data.loss import IGNORE_INDEX
+from fedtp_flwr.data.loss import IGNORE_INDEX
+from fedtp_flwr.model.context import compute_dtype, no_autocast
 
 
 class _PlainHead:

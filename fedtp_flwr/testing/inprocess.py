@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
 from flwr.app import Error, Message, MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
-from .client import evaluate_reply, train_reply
-from .config import RunConfig
+from fedtp_flwr.client.app import evaluate_reply, train_reply
+from fedtp_flwr.compat import ensure_run_identity, set_message_id
+from fedtp_flwr.config import RunConfig
 
 
 def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
@@ -30,8 +30,7 @@ class InProcessGrid:
 
     def __init__(self, node_configs: list[dict[str, Any]], run_config: Mapping[str, Any],
                  handler: Callable[[Message, RunConfig, Mapping[str, Any]], Message] = handle):
-        if TaskIdentity._run_id is None:  # noqa: SLF001 - Messages need a run id, as in a ServerApp process
-            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        ensure_run_identity()  # Messages need a run id, as in a ServerApp process
         self.node_configs = {i + 1: dict(c) for i, c in enumerate(node_configs)}
         self.cfg = RunConfig.from_run_config(run_config)
         self.handler = handler
@@ -46,7 +45,7 @@ class InProcessGrid:
         """Queue messages (each gets an id, as Flower's grid gives it); a node handles one when it is pulled."""
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
+            set_message_id(msg.metadata, mid := uuid.uuid4().hex)
             self._queued[mid] = msg
             ids.append(mid)
         return ids

@@ -29,15 +29,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from . import aggregation
+import fedtp_flwr.server.aggregation as aggregation
+from fedtp_flwr.compat import trim_mean
+from fedtp_flwr.config import ROBUST_RULES
+from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
+
 from .aggregation import Contribution, blocks, merge_by_plan
-from .model import ModelArgs
-from .sharding import REPLICATE, rule_for, shard
 from .spill import SpilledState
-
-RULES = ("median", "trimmed-mean")
 
 
 def update_rms(global_state: Mapping[str, torch.Tensor], c: Contribution, args: ModelArgs, world_size: int,
@@ -80,7 +80,7 @@ def robust_mean(tensors: Sequence[torch.Tensor], rule: str, beta: float = 0.2) -
         return torch.from_numpy(np.asarray(np.median(stacked, axis=0), dtype=np.float32))
     if rule == "trimmed-mean":
         return torch.from_numpy(np.asarray(trim_mean(stacked, beta), dtype=np.float32))
-    raise ValueError(f"robust rule {rule!r} is not one of {RULES}")
+    raise ValueError(f"robust rule {rule!r} is not one of {ROBUST_RULES}")
 
 
 def _row_count(shape: Sequence[int]) -> int:
@@ -128,8 +128,8 @@ def robust_aggregate_slices(global_state: Mapping[str, torch.Tensor], contributi
     full tensor)."""
     if not contributions:
         raise ValueError("no contributions to aggregate")
-    if rule not in RULES:
-        raise ValueError(f"robust rule {rule!r} is not one of {RULES}")
+    if rule not in ROBUST_RULES:
+        raise ValueError(f"robust rule {rule!r} is not one of {ROBUST_RULES}")
 
     def blockwise(k: str, dst: torch.Tensor, group: Sequence[Contribution], write) -> None:
         shapes = {_shape(c.state, k) for c in group}

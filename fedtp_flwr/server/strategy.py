@@ -30,18 +30,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
 from flwr.supercore import log
 
+from fedtp_flwr.compat import load_strategy_state, restore_strategy_state, snapshot_strategy_state, strategy_state
+from fedtp_flwr.config import RunConfig
+from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.context import context_rest, quantize_rest, rest_to_arrays
+from fedtp_flwr.model.sharding import shard, slice_shapes
+from fedtp_flwr.wire import decode, encode, record_nbytes
+
 from .aggregation import Contribution, WeightedFold
-from .config import RunConfig
-from .context import context_rest, quantize_rest, rest_to_arrays
-from .model import ModelArgs
-from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
-from .robust import outliers, robust_aggregate_slices, update_rms
 from .memory import PhasePeaks
 from .pull import discard_replies
-from .sharding import shard, slice_shapes
+from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
+from .robust import outliers, robust_aggregate_slices, update_rms
 from .spill import SpillDir, SpilledState
 from .streaming import receive
-from .wire import decode, encode, record_nbytes
 
 
 def make_inner_strategy(cfg: RunConfig) -> FedAvg:
@@ -350,7 +352,7 @@ class FederatedTensorParallel(Strategy):
         metrics = reduce_metrics((w, m) for _, _, w, m in rnd.accepted)
         # The inner rule's state (FedAvgM momentum, FedOpt moments) as it was before this round: Flower's rules
         # rebind those attributes to new objects rather than change them in place, so a shallow copy keeps them.
-        self._inner_before = dict(vars(self.inner))
+        self._inner_before = snapshot_strategy_state(self.inner)
         if type(self.inner) in (FedAvg, FedProx):
             return merged_record, metrics  # their rule on one reply is the identity
         total = sum(w for _, _, w, _ in rnd.accepted)
@@ -367,39 +369,34 @@ class FederatedTensorParallel(Strategy):
             self._take_reply(rnd, msg)
         return self._close_round(rnd)
 
-    # The inner rules' state between rounds (FedOpt's moments, FedAvgM's momentum): what a checkpoint must hold
-    # for a resumed run to equal an uninterrupted one. FedOpt's/FedAvgM's current arrays are the global model.
-    INNER_STATE = ("m_t", "v_t", "momentum_vector")
-
     def inner_state(self) -> dict:
-        """The inner rule's state as tensors (sharing memory with Flower's arrays where it can)."""
+        """The inner rule's state between rounds (FedOpt's moments, FedAvgM's momentum) as tensors, sharing memory
+        with Flower's arrays where it can: what a checkpoint must hold for a resumed run to equal an uninterrupted
+        one (FedOpt's/FedAvgM's current arrays are the global model)."""
         def tensor(a):
             a = np.ascontiguousarray(a)
             return torch.from_numpy(a if a.flags.writeable else a.copy())
 
         out = {}
-        for name in self.INNER_STATE:
-            value = getattr(self.inner, name, None)
-            if isinstance(value, dict) and value:
-                out[name] = {k: tensor(a) for k, a in value.items()}
-            elif isinstance(value, list) and value:
-                out[name] = [tensor(a) for a in value]
+        for name, value in strategy_state(self.inner).items():
+            arrays = value.items() if isinstance(value, dict) else enumerate(value)
+            tensors = {k: tensor(a) for k, a in arrays}
+            out[name] = tensors if isinstance(value, dict) else list(tensors.values())
         return out
 
     def load_inner_state(self, state: dict) -> None:
+        restored = {}
         for name, value in state.items():
-            if name not in self.INNER_STATE or not hasattr(self.inner, name):
-                raise ValueError(f"the checkpoint holds {name!r}, which Flower's {type(self.inner).__name__} does not have")
             arrays = value.items() if isinstance(value, dict) else enumerate(value)
-            restored = {k: t.clone().numpy() for k, t in arrays}
-            setattr(self.inner, name, restored if isinstance(value, dict) else list(restored.values()))
+            numpy = {k: t.clone().numpy() for k, t in arrays}
+            restored[name] = numpy if isinstance(value, dict) else list(numpy.values())
+        load_strategy_state(self.inner, restored)
 
     def discard_round(self) -> None:
         """Forget the last aggregate_train: the inner rule's state goes back to what it was before it."""
         before = getattr(self, "_inner_before", None)
         if before is not None:
-            vars(self.inner).clear()
-            vars(self.inner).update(before)
+            restore_strategy_state(self.inner, before)
 
     # ------------------------------------------------------------------- client-side evaluation
 

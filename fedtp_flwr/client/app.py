@@ -19,14 +19,25 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from .config import RunConfig
-from .context import build_context_model, rest_from_arrays
-from .data import (ByteTokenizer, DataError, TokenDataset, Tokenizer, build_dataset, builtin_corpus_path,
-                   eval_batches, iterate_batches, load_examples, load_tokenizer, partition_examples)
-from .model import ModelArgs, Transformer
-from .sharding import shard_args
-from .training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
-from .wire import decode, encode, record_nbytes
+from fedtp_flwr.config import RunConfig
+from fedtp_flwr.data import (
+    ByteTokenizer,
+    DataError,
+    TokenDataset,
+    Tokenizer,
+    build_dataset,
+    builtin_corpus_path,
+    eval_batches,
+    iterate_batches,
+    load_examples,
+    load_tokenizer,
+    partition_examples,
+)
+from fedtp_flwr.model import ModelArgs, Transformer
+from fedtp_flwr.model.context import build_context_model, rest_from_arrays
+from fedtp_flwr.model.sharding import shard_args
+from fedtp_flwr.training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
+from fedtp_flwr.wire import decode, encode, record_nbytes
 
 
 @dataclass(frozen=True)
