@@ -29,7 +29,7 @@ RANK_MERGES = ("mean",) + ROBUST_RULES
 # (RunConfig.__post_init__ runs them at start and names the key), so each rule is written once.
 TRAIN_SETTINGS_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_schedule", "warmup_steps", "local_steps",
                          "grad_accum_steps", "precision", "gradient_checkpointing", "device", "seed", "proximal_mu",
-                         "optimizer", "optimizer_in_backward", "loss_chunk_tokens")
+                         "optimizer", "optimizer_in_backward", "loss_chunk_tokens", "adapter_lr_factor")
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
@@ -59,6 +59,8 @@ class RunConfig:
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
+    rest_adapter_rank: int = _key("rest-adapter-rank", 0, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off)", minimum=0)
+    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 1.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
     # -- untrusted clients
@@ -116,6 +118,13 @@ class RunConfig:
         if self.vocab_parallel and self.slice_mode != "context":
             raise ConfigError('config key \'vocab-parallel\': true needs slice-mode = "context": an independent '
                               "sub-model has no other vocabulary rows to take its softmax over")
+        if self.rest_adapter_rank and (self.slice_mode != "context" or self.effective_merge_weighting != "all-clients"
+                                       or self.rank_merge != "mean"):
+            raise ConfigError(f"config key 'rest-adapter-rank': {self.rest_adapter_rank} needs slice-mode = \"context\", "
+                              "merge-weighting = \"all-clients\" (or \"auto\") and rank-merge = \"mean\": the adapter "
+                              "updates the weights outside a client's slice, which only the all-clients mean weighs in "
+                              f"(got slice-mode {self.slice_mode!r}, merge-weighting {self.merge_weighting!r}, "
+                              f"rank-merge {self.rank_merge!r})")
         if not self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
                               "[0, 0.5) (the fraction cut from each tail)")

@@ -35,18 +35,17 @@ class WholeTensorFold(WeightedFold):
     def add(self, c, release=False):
         if self.sums is None:
             self.sums = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in self.old.items()}
-        dst, old = self._views(self.sums, c.rank), self._views(self.old, c.rank)
         w = float(c.weight)
         self.ref = self.ref or w
-        self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
         for k in list(c.state):
             x = c.state[k].float()
             if rule_for(k, self.vocab_parallel) is REPLICATE:
-                dst[k].add_(x, alpha=w / self.ref)
+                self.sums[k].add_(x, alpha=w / self.ref)
                 continue
+            _, alpha = self._write(k, c.rank, w)
             if self.weighting == "all-clients":
-                x = x - old[k]
-            dst[k].add_(x, alpha=w / self.rank_ref[c.rank])
+                x = x - self._block(self.old, k, c.rank)
+            self._block(self.sums, k, c.rank).add_(x, alpha=alpha)
         self.rank_weight[c.rank] += w
         self.total += w
         self.count += 1

@@ -54,6 +54,7 @@ class SliceJob:
     context_bits: int
     context_group_size: int  # 0: one scale per row
     vocab_parallel: bool
+    rest_adapter_rank: int  # context mode: rank of the rest adapters (0: none)
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "SliceJob":
@@ -63,16 +64,18 @@ class SliceJob:
             return cls(int(config["rank"]), int(config["world-size"]), int(config["server-round"]),
                        ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
                        float(config.get("proximal-mu", 0.0)), str(config["slice-mode"]),
-                       int(config["context-bits"]), int(config["context-group-size"]), bool(config["vocab-parallel"]))
+                       int(config["context-bits"]), int(config["context-group-size"]), bool(config["vocab-parallel"]),
+                       int(config["rest-adapter-rank"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
 
 
 def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> Transformer:
+                      dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
     """Independent mode: the rank's sub-model (the same Transformer class, 1/W of the heads and FFN units).
     Context mode: the full-width model, its slice and replicated parameters trainable (in `dtype`), the rest
-    of the split layers frozen in low-bit form. Either way state_dict() is exactly the slice."""
+    of the split layers frozen in low-bit form, plus rest adapters (initialised from `seed`) when the server
+    asks for them. Either way state_dict() is exactly what the reply carries: the slice (and the adapters)."""
     slice_state = decode(content["arrays"], job.wire_dtype, dtype=dtype)
     if job.slice_mode == "context":
         if "context" not in content:
@@ -80,8 +83,11 @@ def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
         arrays = {k: torch.from_numpy(a.numpy()) for k, a in content["context"].items()}
         rest = rest_from_arrays(arrays, job.args, job.world_size, job.context_bits, job.context_group_size or None,
                                 job.vocab_parallel)
-        return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device, dtype=dtype,
-                                   vocab_parallel=job.vocab_parallel)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the adapters' init: reproducible, different per node and round
+            return build_context_model(job.args, job.rank, job.world_size, slice_state, rest, device=device,
+                                       dtype=dtype, vocab_parallel=job.vocab_parallel,
+                                       rest_adapter_rank=job.rest_adapter_rank)
     with torch.device("meta"):  # no memory until the received tensors are assigned
         model = Transformer(shard_args(job.args, job.world_size))
     model.load_state_dict({k: v.to(device) for k, v in slice_state.items()}, strict=True, assign=True)
@@ -141,6 +147,7 @@ def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> Tra
         gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
         proximal_mu=job.proximal_mu, progress=True, optimizer=cfg.optimizer,
         optimizer_in_backward=cfg.optimizer_in_backward, loss_chunk_tokens=cfg.loss_chunk_tokens,
+        adapter_lr_factor=cfg.adapter_lr_factor,
     )
 
 
@@ -158,7 +165,8 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     job = SliceJob.from_config(content["config"])
     device = resolve_device(cfg.device)
     data = local_dataset(cfg, node_config, "train", job.args.vocab_size)
-    model = build_slice_model(job, content, device, param_dtype(cfg))
+    seed = node_seed(cfg, node_config, job.server_round)
+    model = build_slice_model(job, content, device, param_dtype(cfg), seed)
     received = content["arrays"]  # what this node was sent: its slice (it has just loaded into the sub-model)
     n_received = sum(math.prod(a.shape) for a in received.values())
     log(INFO, "round %d: received the rank %d/%d slice: %d parameters in %d arrays (%.1f MB %s); training on %s, "
@@ -167,7 +175,6 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     if data.n_truncated:
         log(WARNING, "%d of %d local examples are longer than max-seq-len=%d tokens and were cut to it",
             data.n_truncated, data.n_examples, cfg.max_seq_len)
-    seed = node_seed(cfg, node_config, job.server_round)
     batches = iterate_batches(data, cfg.batch_size, seed)
     m = train_local(model, batches, train_settings(cfg, job, seed, len(data)))
     metrics = MetricRecord({

@@ -177,6 +177,81 @@ class _FrozenRest:
         return QTensor(self.rest_data, self.rest_scale, self.rest_bits, self.rest_shape, self.rest_group_size)
 
 
+class RestAdapter(nn.Module):
+    """A low-rank update of a context layer's frozen rest: delta = b @ a, with a [rank, rest columns] and
+    b [rest rows, rank], so every element outside this rank's block can move while the rest itself stays frozen
+    and low-bit. The product is never formed on the client: the layer applies x -> (x @ a^T) @ b^T.
+
+    Init as LoRA: a ~ U(-1/sqrt(cols), 1/sqrt(cols)) (kaiming-uniform with a = sqrt(5), as nn.Linear and peft),
+    b = 0, so the model starts as received. The server folds each client's product into the full model
+    (server/aggregation.py), the next round's rest is quantized from it, and the adapter restarts."""
+
+    def __init__(self, rest_shape: tuple[int, int], rank: int, device=None, dtype=None):
+        super().__init__()
+        rows, cols = rest_shape
+        self.a = nn.Parameter(torch.empty(rank, cols, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.a, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a), self.b)  # (..., cols) -> (..., rank) -> (..., rows)
+
+
+def rest_adapter_shapes(rest_shape: tuple[int, int], rank: int) -> dict[str, tuple[int, int]]:
+    """{"a": [rank, rest cols], "b": [rest rows, rank]}: what RestAdapter holds (and a client uploads)."""
+    return {"a": (rank, rest_shape[1]), "b": (rest_shape[0], rank)}
+
+
+ADAPTER = "rest_adapter"  # a context layer's child module: its factors are "<layer>.rest_adapter.a" / ".b"
+
+
+def adapter_key(weight_name: str, factor: str) -> str:
+    """'layers.0.attention.wq.weight', 'a' -> 'layers.0.attention.wq.rest_adapter.a' (its state-dict key)."""
+    return f"{weight_name.removesuffix('.weight')}.{ADAPTER}.{factor}"
+
+
+def adapter_target(key: str) -> tuple[str, str] | None:
+    """The inverse of adapter_key: (weight name, factor), or None for any other key."""
+    layer, sep, factor = key.rpartition(f".{ADAPTER}.")
+    return (f"{layer}.weight", factor) if sep and factor in ("a", "b") else None
+
+
+def adapted_names(args: ModelArgs, vocab_parallel: bool = False) -> list[str]:
+    """The split parameters that get a rest adapter: every split linear of the transformer blocks (wq, wk, wv,
+    wo, w1, w2, w3); never the vocabulary rows (tok_embeddings, output), which stay as they are."""
+    return [n for n in split_names(args, vocab_parallel) if n.startswith("layers.")]
+
+
+def adapter_shapes(args: ModelArgs, world_size: int, rank: int, vocab_parallel: bool = False) -> dict[str, tuple]:
+    """State-dict key -> shape of every rest-adapter factor of one client (the same for every rank)."""
+    rest = rest_shapes(args, world_size, vocab_parallel)
+    return {adapter_key(n, f): s for n in adapted_names(args, vocab_parallel)
+            for f, s in rest_adapter_shapes(rest[n], rank).items()}
+
+
+def adapter_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weight name -> (a, b) of every rest adapter whose two factors are in `state` (e.g. a client's reply)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        if (target := adapter_target(key)) is not None:
+            found.setdefault(target[0], {})[target[1]] = t
+    return {name: (f["a"], f["b"]) for name, f in found.items() if len(f) == 2}
+
+
+def adapter_update_sq_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||b @ a||_F^2 in float64 without forming the product: tr(a^T b^T b a) = sum((b^T b) * (a a^T)), two
+    [rank, rank] matrices."""
+    a, b = a.double(), b.double()
+    return float(((b.T @ b) * (a @ a.T)).sum())
+
+
+def rest_positions(rank: int, world_size: int, size: int) -> list[tuple[int, int]]:
+    """(other rank, start of its block inside the rest) along the split dim, in rank order: the rest is the
+    other ranks' blocks concatenated (context_rest), so rank r's block starts at r * size before `rank`, and
+    at (r - 1) * size after it."""
+    return [(r, (r if r < rank else r - 1) * size) for r in range(world_size) if r != rank]
+
+
 class FrozenContextLinear(_FrozenRest, nn.Linear):
     """A full-width bias-free linear [out_features, in_features] whose `weight` parameter is only this
     rank's block along `split.dim`; the other ranks' blocks are a frozen QTensor held in non-persistent
@@ -250,8 +325,23 @@ class FrozenContextLinear(_FrozenRest, nn.Linear):
             return g2.narrow(1, lo, size).t() @ x2
         return g2.t() @ x2.narrow(1, lo, size)  # the slice's input columns
 
+    def add_rest_adapter(self, rank: int) -> RestAdapter:
+        """Give the frozen rest a trainable low-rank update (RestAdapter), on the slice's device and dtype."""
+        self.rest_adapter = RestAdapter(self.rest_shape, rank, device=self.weight.device, dtype=self.weight.dtype)
+        return self.rest_adapter
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ContextLinearFn.apply(x, self.weight, self)
+        y = _ContextLinearFn.apply(x, self.weight, self)
+        adapter = getattr(self, ADAPTER, None)
+        if adapter is None:
+            return y
+        size = self.weight.shape[self.split.dim]
+        lo = self.rank * size
+        if self.split.dim == 1:  # the rest is the input columns outside the slice
+            rest_x = torch.cat((x[..., :lo], x[..., lo + size:]), dim=-1)  # (..., in - size)
+            return y + adapter(rest_x.to(y.dtype))
+        z = adapter(x.to(y.dtype))  # (..., out - size): the output rows outside the slice
+        return y + torch.cat((z[..., :lo], z.new_zeros(*z.shape[:-1], size), z[..., lo:]), dim=-1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, split_dim={self.split.dim}, "
@@ -293,7 +383,7 @@ class FrozenContextEmbedding(_FrozenRest, nn.Embedding):
 
 def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state: Mapping[str, torch.Tensor],
                         rest_q: Mapping[str, QTensor], device="cpu", dtype: torch.dtype = torch.float32,
-                        vocab_parallel: bool = False) -> Transformer:
+                        vocab_parallel: bool = False, rest_adapter_rank: int = 0) -> Transformer:
     """The full-width Transformer(args) for `rank`: every split linear a FrozenContextLinear holding the
     slice (trainable, in `dtype`) and `rest_q` (frozen, low-bit); replicated parameters trainable.
 
@@ -301,8 +391,9 @@ def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state
     split by vocabulary rows, so the softmax still covers the whole vocabulary.
 
     `slice_state` is what `shard(full, args, rank, world_size, vocab_parallel)` returns; `state_dict()` of
-    the result has exactly its keys and shapes. Built on the meta device, so the full model is never
-    allocated."""
+    the result has exactly its keys and shapes, plus, with `rest_adapter_rank` > 0, the factors of a RestAdapter
+    on every split linear of the blocks (`adapter_shapes`; initialised from torch's current RNG). Built on the
+    meta device, so the full model is never allocated."""
     check_world_size(args, world_size, vocab_parallel)
     expected = set(split_names(args, vocab_parallel))
     if set(rest_q) != expected:
@@ -325,4 +416,7 @@ def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state
     model.load_state_dict(slice_state, strict=True)
     for name in expected:
         model.get_submodule(name.removesuffix(".weight")).load_rest(rest_q[name])
+    if rest_adapter_rank:
+        for name in adapted_names(args, vocab_parallel):
+            model.get_submodule(name.removesuffix(".weight")).add_rest_adapter(rest_adapter_rank)
     return model

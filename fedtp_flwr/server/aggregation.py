@@ -10,6 +10,10 @@ Two rules for a split parameter of rank r, whose current global value is `old`:
 - all-clients (FedAvg's view of a partial update): every reply of the round counts, and a reply that did
       not train rank r counts as a zero update for it,
       new = old + (sum_{i in r} w_i (x_i - old)) / (sum_{all j} w_j)
+  With context mode's rest adapters (model.context.RestAdapter), a reply that did not train rank r brings
+  its adapter's product b_i a_i at rank r's position of its rest instead of a zero update, so every reply
+  reaches every element of a split weight (formed block by block, never a whole weight at once):
+      new = old + (sum_{i in r} w_i (x_i - old) + sum_{i not in r} w_i (b_i a_i)[r]) / (sum_{all j} w_j)
 Replicated parameters are the weighted mean over all replies under both rules,
       new = (sum_i w_i x_i) / (sum_i w_i).
 A rank that nobody trained keeps `old` under both rules.
@@ -31,7 +35,8 @@ import torch
 
 from fedtp_flwr.config import WEIGHTINGS
 from fedtp_flwr.model import ModelArgs
-from fedtp_flwr.model.sharding import REPLICATE, check_world_size, full_shapes, rule_for, shard
+from fedtp_flwr.model.context import adapter_target, rest_positions
+from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for, shard
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
 # 16 MB in float32 / 32 MB in float64, so a pass's temporaries do not grow with the largest tensor
@@ -71,7 +76,7 @@ class WeightedFold:
     result() divides once and returns the new full state dict, in the sums' own memory (no further copy).
 
     The sums are full-shape float32 tensors allocated at the first add (one model's worth); a split
-    parameter's rank-r sum is rank r's block of it (a view from `shard`), so every rank writes in place."""
+    parameter's rank-r sum is rank r's block of it (a view), so every rank writes in place."""
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], args: ModelArgs, world_size: int,
                  weighting: str = "per-rank", vocab_parallel: bool = False):
@@ -80,50 +85,81 @@ class WeightedFold:
         self.old, self.args, self.world_size = global_state, args, world_size
         self.weighting, self.vocab_parallel = weighting, vocab_parallel
         self.sums: dict[str, torch.Tensor] | None = None
-        # Terms are added as x_i * (w_i / w_ref), w_ref the first weight a sum received (per rank for split
-        # parameters, over all replies for replicated ones): a sum of one reply is then x exactly, as in FedAvg.
-        self.rank_ref = [0.0] * world_size
+        # Terms are added as x_i * (w_i / w_ref), w_ref the first weight a sum received (per block of a split
+        # parameter, over all replies for replicated ones): a sum of one reply is then x exactly, as in FedAvg.
+        self.block_ref: dict[tuple[str, int], float] = {}  # (split parameter, rank) -> w_ref of that block's sum
         self.rank_weight = [0.0] * world_size
         self.ref, self.total, self.count = 0.0, 0.0, 0
 
-    def _views(self, state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-        return shard(state, self.args, rank, self.world_size, self.vocab_parallel)
+    def _block(self, state: Mapping[str, torch.Tensor], name: str, rank: int) -> torch.Tensor:
+        rule = rule_for(name, self.vocab_parallel)
+        lo, size = block(self.args, rule, rank, self.world_size)
+        return state[name].narrow(rule.dim, lo, size)
+
+    def _write(self, name: str, rank: int, w: float) -> tuple[bool, float]:
+        """(first term of this block's sum?, the factor w / w_ref its term is added with)."""
+        first = (name, rank) not in self.block_ref
+        ref = self.block_ref.setdefault((name, rank), w)
+        return first, w / ref
 
     def add(self, c: Contribution, release: bool = False) -> None:
         """Fold c in. release=True empties c.state as it goes (each tensor dropped once added), so that a reply
         nothing else references is freed a tensor at a time while the sums' pages fill."""
         if self.sums is None:  # uninitialized: a page is resident once the first term written to it
             self.sums = {k: torch.empty(t.shape, dtype=torch.float32) for k, t in self.old.items()}
-        dst = self._views(self.sums, c.rank)
-        old = self._views(self.old, c.rank)
         w = float(c.weight)
-        first_replicated, first_split = not self.count, not self.rank_weight[c.rank]
+        first_replicated = not self.count
         self.ref = self.ref or w
-        self.rank_ref[c.rank] = self.rank_ref[c.rank] or w
+        adapters: dict[str, dict[str, torch.Tensor]] = {}
         for k in list(c.state):
             t = c.state.pop(k) if release else c.state[k]
+            if (target := adapter_target(k)) is not None:  # folded below, once both factors are at hand
+                adapters.setdefault(target[0], {})[target[1]] = t
+                continue
             # Block by block: one block-sized float32 temporary, not one the size of the tensor. Elementwise
             # float32 ops, so the sums are bit for bit those of whole-tensor ops. A sum's first term has weight
             # w_ref (factor 1): it is written, not added to zeros (the same value; one pass instead of two).
-            replicated = rule_for(k, self.vocab_parallel) is REPLICATE
-            first = first_replicated if replicated else first_split
-            alpha = w / (self.ref if replicated else self.rank_ref[c.rank])
-            if self.weighting == "all-clients" and not replicated:  # the update x - old
-                for d, x, o in blocks(dst[k], t, old[k]):
-                    if first:
-                        torch.sub(x.float(), o, out=d)
-                    else:
-                        d.add_(x.float() - o, alpha=alpha)
+            if rule_for(k, self.vocab_parallel) is REPLICATE:
+                first, alpha, dst = first_replicated, w / self.ref, self.sums[k]
+                pairs = blocks(dst, t)
             else:
-                for d, x in blocks(dst[k], t):
-                    if first:
-                        d.copy_(x)
-                    else:
-                        d.add_(x.float(), alpha=alpha)
+                first, alpha = self._write(k, c.rank, w)
+                dst = self._block(self.sums, k, c.rank)
+                if self.weighting == "all-clients":  # the update x - old
+                    pairs = ((d, x.float() - o) for d, x, o in blocks(dst, t, self._block(self.old, k, c.rank)))
+                else:
+                    pairs = blocks(dst, t)
+            for d, x in pairs:
+                if first:
+                    d.copy_(x)
+                else:
+                    d.add_(x.float(), alpha=alpha)
             del t
+        for name, factors in adapters.items():
+            self._add_adapter(name, c.rank, factors["a"], factors["b"], w)
         self.rank_weight[c.rank] += w
         self.total += w
         self.count += 1
+
+    def _add_adapter(self, name: str, rank: int, a: torch.Tensor, b: torch.Tensor, w: float) -> None:
+        """Fold a client's rest-adapter product b @ a (its update of every other rank's block of `name`) into
+        those blocks' sums, a block of at most BLOCK_VALUES values of the product at a time."""
+        if self.weighting != "all-clients":
+            raise ValueError("rest adapters are merged with all-clients weighting only")
+        rule = rule_for(name, self.vocab_parallel)
+        _, size = block(self.args, rule, rank, self.world_size)
+        a, b = a.float(), b.float()  # [r, rest cols], [rest rows, r]: small
+        for other, pos in rest_positions(rank, self.world_size, size):
+            first, alpha = self._write(name, other, w)
+            dst = self._block(self.sums, name, other)
+            rows, cols = (b[pos:pos + size], a) if rule.dim == 0 else (b, a[:, pos:pos + size])
+            step = max(1, BLOCK_VALUES // max(1, cols.shape[1]))
+            for i in range(0, rows.shape[0], step):
+                product = rows[i:i + step] @ cols  # [<= step, block cols], float32
+                if first:
+                    dst[i:i + step].copy_(product)
+                else:
+                    dst[i:i + step].add_(product, alpha=alpha)
 
     def result(self) -> dict[str, torch.Tensor]:
         """The merged state dict (float32, the global model's key order). The fold is spent afterwards."""
@@ -131,20 +167,19 @@ class WeightedFold:
             raise ValueError("no contributions to aggregate")
         out, self.sums = self.sums, None
         for k, t in out.items():
-            if rule_for(k, self.vocab_parallel) is REPLICATE and self.total != self.ref:  # x / 1 is x: no pass
-                t.div_(self.total / self.ref)
-        for rank, rank_weight in enumerate(self.rank_weight):
-            dst, old = self._views(out, rank), self._views(self.old, rank)
-            for k, t in dst.items():
-                if rule_for(k, self.vocab_parallel) is REPLICATE:
-                    continue
-                if not rank_weight:
-                    t.copy_(old[k])
+            if rule_for(k, self.vocab_parallel) is REPLICATE:
+                if self.total != self.ref:  # x / 1 is x: no pass
+                    t.div_(self.total / self.ref)
+                continue
+            for rank, rank_weight in enumerate(self.rank_weight):
+                dst, ref = self._block(out, k, rank), self.block_ref.get((k, rank))
+                if ref is None:  # nobody's update reached this block
+                    dst.copy_(self._block(self.old, k, rank))
                 elif self.weighting == "per-rank":
-                    if rank_weight != self.rank_ref[rank]:  # one reply for the rank: already its value
-                        t.div_(rank_weight / self.rank_ref[rank])
+                    if rank_weight != ref:  # one reply for the rank: already its value
+                        dst.div_(rank_weight / ref)
                 else:
-                    t.div_(self.total / self.rank_ref[rank]).add_(old[k])
+                    dst.div_(self.total / ref).add_(self._block(self.old, k, rank))
         return {k: out[k] for k in self.old}
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedtp_flwr.model.context import adapter_pairs, adapter_update_sq_norm
 from fedtp_flwr.wire import NUMPY_DTYPE, decode
 
 from .aggregation import blocks
@@ -29,6 +30,9 @@ from .aggregation import blocks
 TRAIN_METRICS = ("train-loss", "train-perplexity", "num-tokens", "tokens-per-second", "slice-parameters")
 TRAIN_WEIGHT, EVAL_WEIGHT = "num-examples", "num-tokens"  # the key each reply is weighted by
 EVAL_METRICS = ("slice-loss", "slice-perplexity")
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ReplyError(ValueError):
@@ -114,6 +118,10 @@ def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wi
         if not all(bool(torch.isfinite(b).all()) for (b,) in blocks(t)):  # bool temporaries of one block
             bad = sum(int((~torch.isfinite(b)).sum()) for (b,) in blocks(t))
             raise ReplyError(f"{k}: {bad} non-finite value(s) (NaN/Inf)")
+    for name, (a, b) in adapter_pairs(state).items():  # the update the server will form from the factors
+        norm = adapter_update_sq_norm(a, b) ** 0.5
+        if not norm < FLOAT32_MAX:
+            raise ReplyError(f"{name}: the rest adapter's update b @ a has norm {norm:.3g}, beyond float32's range")
     return CheckedReply(state, n, values)
 
 

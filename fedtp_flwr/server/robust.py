@@ -34,6 +34,7 @@ import fedtp_flwr.server.aggregation as aggregation
 from fedtp_flwr.compat import trim_mean
 from fedtp_flwr.config import ROBUST_RULES
 from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.context import adapter_pairs, adapter_target, adapter_update_sq_norm
 from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
 
 from .aggregation import Contribution, blocks, merge_by_plan
@@ -42,12 +43,18 @@ from .spill import SpilledState
 
 def update_rms(global_state: Mapping[str, torch.Tensor], c: Contribution, args: ModelArgs, world_size: int,
                vocab_parallel: bool = False) -> dict[str, float]:
-    """{"split": RMS of the rank slice's update, "replicated": RMS of the replicated layers' update}
-    (a part with no parameters is left out)."""
+    """{"split": RMS of the update of the split layers (the rank slice's, and the rest adapters' products over
+    the rest, when the reply has them), "replicated": RMS of the replicated layers' update} (a part with no
+    parameters is left out)."""
     old_slice = shard(global_state, args, c.rank, world_size, vocab_parallel)  # views, no copy
     sums = {"split": 0.0, "replicated": 0.0}
     counts = {"split": 0, "replicated": 0}
+    for a, b in adapter_pairs(c.state).values():
+        sums["split"] += adapter_update_sq_norm(a, b)
+        counts["split"] += b.shape[0] * a.shape[1]
     for k, new in c.state.items():
+        if adapter_target(k) is not None:
+            continue
         part = "replicated" if rule_for(k, vocab_parallel) is REPLICATE else "split"
         for n, o in blocks(new, old_slice[k]):  # float64 temporaries of one block, not of the tensor
             sums[part] += float((n.double() - o.double()).square().sum())

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fedtp_flwr.compat import torchao_adamw
 from fedtp_flwr.data.loss import IGNORE_INDEX, perplexity, token_loss  # the one definition of the loss
+from fedtp_flwr.model.context import RestAdapter
 
 from .chunked_loss import chunked_token_loss
 from .settings import PRECISIONS, TrainSettings, resolve_device
@@ -72,10 +73,13 @@ def _check_batch(batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ optimizer
 
 
-def param_groups(model: nn.Module, weight_decay: float, trainable: Optional[set[str]] = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, trainable: Optional[set[str]] = None,
+                 adapter_lr_factor: float = 1.0) -> list[dict]:
     """AdamW groups: decay on nn.Linear weights (attention, FFN and output), none on everything else
-    (RMSNorm weights, tok_embeddings). Only parameters with requires_grad, and in `trainable` when given.
-    Each group carries "names" (parameter names) for inspection; torch ignores the extra key."""
+    (RMSNorm weights, tok_embeddings); the factors of context mode's rest adapters (model.context.RestAdapter)
+    in a group of their own, without decay and at `adapter_lr_factor` x the learning rate ("lr_scale", which
+    set_lr applies). Only parameters with requires_grad, and in `trainable` when given. Each group carries
+    "names" (parameter names) for inspection; torch ignores the extra keys."""
     named = dict(model.named_parameters())
     if trainable is not None:
         unknown = sorted(set(trainable) - set(named))
@@ -83,16 +87,21 @@ def param_groups(model: nn.Module, weight_decay: float, trainable: Optional[set[
             raise ValueError(f"trainable names {unknown[:5]} are not parameters of the model")
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = ([], []), ([], [])
+    adapters = {id(p) for m in model.modules() if isinstance(m, RestAdapter) for p in m.parameters()}
+    decay, no_decay, adapter = ([], []), ([], []), ([], [])
     for name, p in named.items():
         if not p.requires_grad or (trainable is not None and name not in trainable):
             continue
-        group = decay if id(p) in linear_weights and id(p) not in embeddings else no_decay
+        if id(p) in adapters:
+            group = adapter
+        else:
+            group = decay if id(p) in linear_weights and id(p) not in embeddings else no_decay
         group[0].append(name)
         group[1].append(p)
     groups = [
-        {"params": params, "names": names, "weight_decay": wd}
-        for (names, params), wd in ((decay, weight_decay), (no_decay, 0.0))
+        {"params": params, "names": names, "weight_decay": wd, "lr_scale": scale}
+        for (names, params), wd, scale in ((decay, weight_decay, 1.0), (no_decay, 0.0, 1.0),
+                                           (adapter, 0.0, adapter_lr_factor))
         if params
     ]
     if not groups:
@@ -108,7 +117,7 @@ def make_optimizer(
       parameters' device and dtype, else the foreach one: the same math);
     - "adamw8bit" / "adamw4bit", or any optimizer on bfloat16 weights: torchao's AdamW (8-bit / 4-bit
       block-quantized state; bf16 weights updated with stochastic rounding)."""
-    groups = param_groups(model, settings.weight_decay, trainable)
+    groups = param_groups(model, settings.weight_decay, trainable, settings.adapter_lr_factor)
     return _build_optimizer(groups, settings)
 
 
@@ -137,12 +146,14 @@ def _build_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate (torchao keeps it as a tensor, to be filled in place)."""
+    """Set every group's learning rate: `lr` x the group's "lr_scale" (param_groups; 1 when absent). torchao
+    keeps it as a tensor, to be filled in place."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
 
 
 # Largest number of values one optimizer step of InBackwardOptimizer updates at once. torchao's low-bit
@@ -168,14 +179,15 @@ class InBackwardOptimizer:
 
     def __init__(self, model: nn.Module, settings: TrainSettings, trainable: Optional[set[str]] = None):
         self.blocks: dict[nn.Parameter, list[tuple[slice, torch.Tensor, torch.optim.Optimizer]]] = {}
-        for group in param_groups(model, settings.weight_decay, trainable):
+        for group in param_groups(model, settings.weight_decay, trainable, settings.adapter_lr_factor):
             for p in group["params"]:
                 rows = max(1, STEP_BLOCK_VALUES // max(1, p[0].numel())) if p.dim() > 1 else p.shape[0]
                 blocks = []
                 for lo in range(0, p.shape[0], rows):
                     index = slice(lo, min(lo + rows, p.shape[0]))
                     view = p.detach()[index] if rows < p.shape[0] else p
-                    opt = _build_optimizer([{"params": [view], "weight_decay": group["weight_decay"]}], settings)
+                    opt = _build_optimizer([{"params": [view], "weight_decay": group["weight_decay"],
+                                             "lr_scale": group["lr_scale"]}], settings)
                     blocks.append((index, view, opt))
                 self.blocks[p] = blocks
         self.prox: dict[nn.Parameter, torch.Tensor] = {}

@@ -63,6 +63,7 @@ class TrainSettings:
     optimizer: str = "adamw"  # one of OPTIMIZERS
     optimizer_in_backward: bool = False  # step each parameter as soon as its gradient is ready; no grad buffers
     loss_chunk_tokens: int = 0  # > 0: compute the loss this many tokens at a time (chunked_loss.py); 0: at once
+    adapter_lr_factor: float = 1.0  # learning rate of context mode's rest-adapter factors, x learning_rate
 
     def __post_init__(self):
         def bad(field: str, allowed: str):
@@ -118,6 +119,8 @@ class TrainSettings:
                       f"norm; got {self.grad_accum_steps} and {self.max_grad_norm})")
         if not is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
             raise bad("loss_chunk_tokens", "an integer >= 0")
+        if not is_real(self.adapter_lr_factor) or self.adapter_lr_factor <= 0:
+            raise bad("adapter_lr_factor", "a finite number > 0")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
