@@ -10,4 +10,4 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, dict(context.run_config))
+    run(grid, dict(context.run_config), context.run_id)

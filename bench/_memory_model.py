@@ -55,7 +55,7 @@ from fedtp_flwr.training.loop import STEP_BLOCK_VALUES
 # The run-config keys of a memory option, with today's defaults (README: "Llama 3.2 3B on GPUs").
 BASELINE = {"slice-mode": "independent", "context-bits": 4, "context-group-size": 64, "vocab-parallel": False,
             "client-param-dtype": "float32", "optimizer": "adamw", "optimizer-in-backward": False,
-            "precision": "bf16", "gradient-checkpointing": True, "loss-chunk-tokens": 0}
+            "precision": "bf16", "gradient-checkpointing": True, "loss-chunk-tokens": 0, "rest-adapter-rank": 0}
 
 
 def _dtype(opts: dict) -> torch.dtype:
@@ -85,7 +85,8 @@ def client_model(args: ModelArgs, world_size: int, opts: dict, device: str = "me
         state = {k: torch.empty(s, dtype=dtype, device=device) for k, s in slice_shapes(args, world_size, vp).items()}
         for t in state.values() if device != "meta" else ():
             t.normal_(0.0, 0.02)
-        return build_context_model(args, 0, world_size, state, rest, device=device, dtype=dtype, vocab_parallel=vp)
+        return build_context_model(args, 0, world_size, state, rest, device=device, dtype=dtype, vocab_parallel=vp,
+                                   rest_adapter_rank=opts["rest-adapter-rank"])
     if device != "meta":
         return build_model(shard_args(args, world_size), device=device, dtype=dtype, seed=0)
     with torch.device("meta"):

@@ -183,9 +183,10 @@ def pretrain(a) -> tuple[Path, dict]:
 
 
 def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, tokenizer: str = "bytes",
-               node_files: list[Path] | None = None, eval_file: Path | None = None) -> dict:
+               node_files: list[Path] | None = None, eval_file: Path | None = None, after=None) -> dict:
     """One federated run of config `name` (CONFIGS[name], or the run-config keys `c`) through server.run,
-    one node per file of `node_files` (default: the fine-tuning plays), held-out data `eval_file` (Macbeth)."""
+    one node per file of `node_files` (default: the fine-tuning plays), held-out data `eval_file` (Macbeth).
+    `after(output_dir)`, when given, reads the run's outputs before they are deleted; its dict joins the result."""
     c = CONFIGS[name] if c is None else c
     node_files = node_files or [CORPUS_TRAIN / f"{play}.jsonl" for play in FINETUNE_PLAYS]
     nodes = [{"data-path": str(f), "partition-id": i} for i, f in enumerate(node_files)]
@@ -203,6 +204,7 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
         server_run(grid, cfg)
         seconds = time.perf_counter() - t0
         results = read_results(Path(tmp) / "experiment_results_llama32.pkl")
+        extra = after(Path(tmp)) if after else {}
     (history,) = results.values()
     down = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
             for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]
@@ -215,7 +217,7 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
         "history": [[int(r), float(l), float(p)] for r, l, p in history],
         "final_loss": float(history[-1][1]), "final_ppl": float(history[-1][2]), "seconds": seconds,
         "bytes_down_per_client_round": sum(down) / len(down), "bytes_up_per_client_round": sum(up) / len(up),
-        "messages": len(down), "replies": len(up),
+        "messages": len(down), "replies": len(up), **extra,
         # each reply's local training time (its num-tokens / tokens-per-second), in reply order
         "client_seconds": [float(m.content["metrics"]["num-tokens"]) / float(m.content["metrics"]["tokens-per-second"])
                            for m in grid.replies if not m.has_error()],
@@ -250,7 +252,8 @@ def client_memory(state: dict, args: ModelArgs, c: dict, batch: int, seq: int) -
     W, mode = c["world-size"], c["slice-mode"]
     if mode == "context" and W > 1:
         rest = quantize_rest(context_rest(state, args, 0, W), c["context-bits"], c["context-group-size"] or None)
-        model = build_context_model(args, 0, W, shard(state, args, 0, W), rest)
+        model = build_context_model(args, 0, W, shard(state, args, 0, W), rest,
+                                    rest_adapter_rank=c.get("rest-adapter-rank", 0))
         transient = 2 * 4 * max(math.prod(t.shape) for k, t in state.items() if is_split(k))  # rest fp32 + cat
     else:
         model = build_model(shard_args(args, W), seed=None)

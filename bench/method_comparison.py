@@ -297,10 +297,11 @@ def matched_rank(args: ModelArgs, state: dict, target_bytes: int, batch: int, se
     return lo
 
 
-def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int) -> dict:
+def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_round=None) -> dict:
     """Federated LoRA: Flower's FedAvg (weighted by num-examples) of the adapters over the in-process grid;
     each client loads the adapters into its own frozen base model and trains them; the server evaluates
-    base + averaged adapters on the held-out data after every round."""
+    base + averaged adapters on the held-out data after every round (and hands them to `on_round(round,
+    adapter state)` when given)."""
     args, state = load_checkpoint(setup["ckpt"])
     state = {k: v.float() for k, v in state.items()}
     nodes = [{"data-path": str(f), "partition-id": i} for i, f in enumerate(setup["nodes"])]
@@ -329,6 +330,8 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int) -> di
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         load_adapters(eval_model, arrays)
+        if on_round is not None:
+            on_round(rnd, decode(arrays))
         res = evaluate(eval_model, batches, precision="fp32")
         history.append([rnd, res["loss"], res["perplexity"]])
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})

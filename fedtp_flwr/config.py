@@ -50,7 +50,8 @@ class RunConfig:
     server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM server lr / FedOpt eta", minimum=0.0, exclusive_min=True)
     server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
-    min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the round is skipped", minimum=1)
+    min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the run stops as failed (or, with allow-failed-rounds, the round is skipped)", minimum=1)
+    allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)")
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
     round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
@@ -69,7 +70,7 @@ class RunConfig:
     rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES)
     trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0)
     max_loss_increase: float = _key("max-loss-increase", 1.5, "keep the previous model when the merged model's held-out loss is non-finite or above this multiple of the previous round's (0: only non-finite losses are refused)", minimum=0.0)
-    spill_dir: str = _key("spill-dir", "", "where the server parks replies that must wait (the outlier check's first two, a robust rank-merge's) instead of holding them in memory; removed at each round's end (empty: <output-dir>/spill)")
+    spill_dir: str = _key("spill-dir", "", "where the server parks replies that must wait (the outlier check's first two, a robust rank-merge's) instead of holding them in memory; removed at each round's end (empty: the run's output folder /spill)")
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
     checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")
@@ -101,7 +102,7 @@ class RunConfig:
     precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS)
     seed: int = _key("seed", 42, "seed for init, data order and sampling")
     # -- outputs
-    output_dir: str = _key("output-dir", "outputs", "where results, eval files and checkpoints go")
+    output_dir: str = _key("output-dir", "", "where results, eval files and checkpoints go (empty: outputs/run-<run id>/ per run, the results .pkl in outputs/, merged across runs; a resumed run continues in its checkpoint's folder)")
     checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0)
     keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0)
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")

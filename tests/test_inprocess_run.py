@@ -9,6 +9,7 @@ import torch
 from fedtp_flwr.config import ConfigError
 from fedtp_flwr.server.app import run
 from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.server.strategy import RunFailed
 from fedtp_flwr.testing.inprocess import InProcessGrid, handle
 
 BASE = {"num-server-rounds": 2, "world-size": 2, "local-steps": 2, "batch-size": 2, "max-seq-len": 32,
@@ -113,15 +114,27 @@ def test_a_failing_client_does_not_stop_the_run(tmp_path, caplog):
     assert (tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth").exists()
 
 
-def test_round_with_too_few_replies_is_skipped(tmp_path, caplog):
-    def broken(msg, cfg, node_config):
-        raise RuntimeError("disk full (simulated)")
+def _broken(msg, cfg, node_config):
+    raise RuntimeError("disk full (simulated)")
 
-    go(tmp_path, handler=broken, **{"num-server-rounds": 1})
-    assert "round skipped" in caplog.text
+
+def test_a_round_without_valid_replies_fails_the_run_and_writes_no_checkpoint(tmp_path, caplog):
+    with pytest.raises(RunFailed, match=r"round 1: 0 valid replies, fewer than min-train-nodes=1: the run stops"):
+        go(tmp_path, handler=_broken, **{"num-server-rounds": 2})
+    assert "disk full (simulated)" in caplog.text  # the clients' own errors are in the log
+    assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in caplog.text
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    assert [r for r, _, _ in results[(2, 1e-3, False, 2, 42)]] == [0]  # round 0 only: nothing trained
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_allow_failed_rounds_skips_the_round_and_keeps_the_model(tmp_path, caplog):
+    go(tmp_path, handler=_broken, **{"num-server-rounds": 1, "allow-failed-rounds": True})
+    assert "round skipped" in caplog.text and "fedtp-flwr: 0 of 1 round trained" in caplog.text
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
     (_, l0, _), (_, l1, _) = results[(2, 1e-3, False, 1, 42)]
     assert l0 == l1  # global model unchanged
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -173,3 +186,31 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
     (_, _, p0), (_, _, p1) = results[(2, 1e-3, False, 1, 42)]
     assert p1 < p0
+
+
+def test_output_folders_by_run_id_and_by_resumed_checkpoint(tmp_path, monkeypatch):
+    from fedtp_flwr.config import RunConfig
+    from fedtp_flwr.server.app import resolve_output_dirs
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output_dirs(RunConfig(), 7) == (tmp_path / "outputs" / "run-7", tmp_path / "outputs")
+    named = RunConfig(output_dir=str(tmp_path / "mine"))
+    assert resolve_output_dirs(named, 7) == (tmp_path / "mine", tmp_path / "mine")
+    resumed = RunConfig(resume_from=str(tmp_path / "outputs" / "run-7" / "checkpoints" / "x_round1.pth"))
+    assert resolve_output_dirs(resumed, 9) == (tmp_path / "outputs" / "run-7", tmp_path / "outputs")
+    out, _ = resolve_output_dirs(RunConfig(), None)  # outside Flower: the UTC time names the folder
+    assert out.parent == tmp_path / "outputs" and out.name.startswith("run-20")
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_settings_keep_their_own_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = {**BASE, "num-server-rounds": 1, "output-dir": ""}
+    for run_id in (11, 12):
+        run(InProcessGrid(nodes(2), cfg), cfg, run_id=run_id)
+    for run_id in (11, 12):
+        folder = tmp_path / "outputs" / f"run-{run_id}"
+        assert (folder / "eval_res_llama32_ws2_r1.txt").is_file()
+        assert (folder / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth").is_file()
+    results = pickle.loads((tmp_path / "outputs" / "experiment_results_llama32.pkl").read_bytes())
+    assert list(results) == [(2, 1e-3, False, 1, 42)]  # one key, merged as before (the later run's history)

@@ -105,3 +105,18 @@ def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs_module, "fsync_dir", lambda p: (synced.append((p, (p / "f").exists())), real(p)))
     atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
     assert synced == [(tmp_path, True)]  # after the rename: the file is there when its folder is synced
+
+
+def test_the_best_checkpoint_follows_the_lowest_held_out_loss(tmp_path):
+    out = RunOutputs(tmp_path, (2, 0.1, False, 4, 1), 2, 4, 0.1, "llama3.2-tiny", {}, checkpoint_every=2)
+    losses = {0: 1.0, 1: 3.0, 2: 2.0, 3: 2.5, 4: float("nan")}  # round 0 (untrained) never counts
+    for rnd, loss in losses.items():
+        out.record(rnd, loss, 1.0, {"w": torch.full((2,), float(rnd))})
+        if rnd >= 1:
+            best = load_run_checkpoint(out.best_checkpoint_path)
+            assert best["round"] == {1: 1, 2: 2, 3: 2, 4: 2}[rnd]
+            assert best["model_state_dict"]["w"].tolist() == [float(best["round"])] * 2
+    assert out.best_checkpoint_path.name == "llama32_tiny_ws2_lr0.1_best.pth"
+    # round 2's checkpoint was due: the best is the same file, not a second copy
+    assert os.path.samefile(out.best_checkpoint_path, out.checkpoint_path(2))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]

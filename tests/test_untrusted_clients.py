@@ -278,7 +278,7 @@ def test_guard_keeps_the_previous_model_when_the_merged_loss_is_nan(server_ident
     recorded = []
     result = s.start(Grid([1, 2]), encode(state), num_rounds=2,
                      evaluate_fn=lambda rnd, arrays: MetricRecord({"loss": next(losses), "perplexity": 1.0}),
-                     record_fn=lambda rnd, arrays, m: recorded.append((rnd, decode(arrays), m["loss"])))
+                     record_fn=lambda rnd, arrays, m, trained: recorded.append((rnd, decode(arrays), m["loss"])))
     assert "round 1: refusing the merged model: its held-out loss is nan" in caplog.text
     assert [(r, l) for r, _, l in recorded] == [(0, 2.0), (1, 2.0), (2, 1.9)]
     assert all(torch.equal(recorded[1][1][k], state[k]) for k in state)  # round 1 ended with the initial model

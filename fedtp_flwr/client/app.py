@@ -8,9 +8,12 @@ partition of `eval-data`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Mapping
@@ -197,12 +200,43 @@ def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str
                          "slice-perplexity": res["perplexity"]})
 
 
+class ClientAppStopped(RuntimeError):
+    """SIGTERM reached the ClientApp while it worked on a message."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While a message is handled, SIGTERM raises ClientAppStopped, which Flower turns into an error reply.
+
+    Why: a SuperNode (flwr 1.42) pulls its next message only once the current one has a reply, and Flower's own
+    SIGTERM handler in flwr-clientapp ends the process without one, so a ClientApp stopped that way wedges its
+    SuperNode for every later run. An exception (not SystemExit) becomes the reply instead, and the node is free
+    at once. Only in the main thread (the flwr-clientapp process; a simulation's workers run elsewhere); the
+    previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise ClientAppStopped("the ClientApp was stopped (SIGTERM) while it worked on this message; it answers "
+                               "with this error so that its SuperNode can take the next message")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
     """The ClientApp's train handler: the server's message in, the reply with the trained slice out."""
-    arrays, metrics = train_slice(msg.content, cfg, node_config)
+    with stop_on_sigterm():
+        arrays, metrics = train_slice(msg.content, cfg, node_config)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
     """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data."""
-    return Message(RecordDict({"metrics": evaluate_slice(msg.content, cfg, node_config)}), reply_to=msg)
+    with stop_on_sigterm():
+        metrics = evaluate_slice(msg.content, cfg, node_config)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

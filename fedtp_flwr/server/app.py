@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,26 @@ def check_config_world_size(args: ModelArgs, cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'world-size': {e}") from None
 
 
-def resolve_output_dir(path: str) -> Path:
-    return Path(path).expanduser().resolve()
+DEFAULT_OUTPUTS = "outputs"
 
 
-def run(grid: Grid, run_config: dict[str, Any]) -> None:
+def resolve_output_dirs(cfg: RunConfig, run_id: int | None) -> tuple[Path, Path]:
+    """(the run's folder, the folder of the results .pkl). output-dir names both; empty: a folder of its own per
+    run, outputs/run-<Flower's run id> (run-<UTC time> outside Flower), or the folder of the checkpoint a resumed
+    run continues from, with the results .pkl one level up, in outputs/, merged across runs as before."""
+    if cfg.output_dir:
+        out = Path(cfg.output_dir).expanduser().resolve()
+        return out, out
+    if cfg.resume_from and Path(cfg.resume_from).parent.name == "checkpoints":
+        out = Path(cfg.resume_from).expanduser().resolve().parent.parent
+        return out, out.parent
+    name = f"run-{run_id}" if run_id is not None else "run-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    parent = Path(DEFAULT_OUTPUTS).resolve()
+    return parent / name, parent
+
+
+def run(grid: Grid, run_config: dict[str, Any], run_id: int | None = None) -> None:
+    """The ServerApp's work (server_app.py passes Flower's run id, which names the run's output folder)."""
     cfg = RunConfig.from_run_config(run_config)
     rss_at_start = memory_gb("VmRSS")
     random.seed(cfg.seed)  # Flower samples nodes with the `random` module (fraction-train < 1)
@@ -113,10 +129,10 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)
     eval_model = build_model(args, device=device, seed=None) if device.type != "cpu" else None
 
-    out_dir = resolve_output_dir(cfg.output_dir)
+    out_dir, results_dir = resolve_output_dirs(cfg, run_id)
     config = {**cfg.to_dict(), "model-args": json.dumps(args.to_params())}
     outputs = RunOutputs(out_dir, experiment_key(cfg), cfg.world_size, cfg.num_server_rounds, cfg.learning_rate,
-                         model_name(cfg), config, cfg.checkpoint_every, cfg.keep_checkpoints)
+                         model_name(cfg), config, cfg.checkpoint_every, cfg.keep_checkpoints, results_dir)
     for stale in outputs.remove_stale_temp_files():
         log(WARNING, "removed %s, a temp file an interrupted run left behind", stale)
     outputs.start_from(history)
@@ -137,13 +153,14 @@ def run(grid: Grid, run_config: dict[str, Any]) -> None:
             res["perplexity"], res["num_tokens"])
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
 
-    def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord) -> None:
-        """The global model each round ends with (the previous one when the merged model was refused)."""
-        state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round else None
+    def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord, trained: bool) -> None:
+        """The global model each round ends with (the previous one when the merged model was refused or the
+        round skipped: then no checkpoint, which would look like a trained one)."""
+        state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round and trained else None
         outputs.record(rnd, metrics["loss"], metrics["perplexity"], state,
                        {"random_state": random.getstate(), "strategy_state": strategy.inner_state()})
 
-    strategy = FederatedTensorParallel(args, cfg)
+    strategy = FederatedTensorParallel(args, cfg, output_dir=out_dir)
     if "strategy_state" in extras:
         strategy.load_inner_state(extras["strategy_state"])
     initial = [encode(state, release=True)]  # from here on the model exists only as the strategy's global record

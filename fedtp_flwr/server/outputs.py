@@ -5,6 +5,8 @@
 - eval_res_llama32_ws{W}_r{R}.txt: "Round: r, Loss: x, Perplexity: y" per line;
 - checkpoints/llama32_{model}_ws{W}_lr{lr}_round{r}.pth: model_state_dict, experiment_key, round, config
   (read back with torch.load(weights_only=True));
+- checkpoints/llama32_{model}_ws{W}_lr{lr}_best.pth: the trained round with the lowest held-out loss so far (a
+  hard link to that round's checkpoint when it has one); its "round" says which;
 - eval_res_llama32_ws{W}_r{R}.png beside the eval file when matplotlib is installed.
 
 Crash safety: after each rename the folder itself is fsynced (so the rename survives a power cut), a run
@@ -15,6 +17,7 @@ this run's checkpoints stay on disk.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
@@ -87,8 +90,10 @@ class RunOutputs:
     """Everything one run writes, under `output_dir`."""
 
     def __init__(self, output_dir: str | Path, experiment_key: tuple, world_size: int, rounds: int, lr: float,
-                 model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1, keep_checkpoints: int = 0):
+                 model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1, keep_checkpoints: int = 0,
+                 results_dir: str | Path | None = None):
         self.dir = Path(output_dir)
+        self.results_dir = Path(results_dir) if results_dir is not None else self.dir  # the .pkl, shared by runs
         self.key = experiment_key
         self.world_size, self.rounds, self.lr = world_size, rounds, lr
         self.model_name, self.config = model_name, dict(config)
@@ -98,7 +103,7 @@ class RunOutputs:
 
     @property
     def results_path(self) -> Path:
-        return self.dir / RESULTS_FILE
+        return self.results_dir / RESULTS_FILE
 
     @property
     def eval_path(self) -> Path:
@@ -107,10 +112,15 @@ class RunOutputs:
     def checkpoint_path(self, rnd: int) -> Path:
         return self.dir / "checkpoints" / f"llama32_{model_tag(self.model_name)}_ws{self.world_size}_lr{self.lr}_round{rnd}.pth"
 
+    @property
+    def best_checkpoint_path(self) -> Path:
+        """The checkpoint of the trained round (>= 1) with the lowest held-out loss so far ("round" inside)."""
+        return self.checkpoint_path(0).with_name(self.checkpoint_path(0).name.replace("_round0.pth", "_best.pth"))
+
     def remove_stale_temp_files(self) -> list[Path]:
         """Delete the temp files a crashed run left behind (only names this tool's atomic writes use)."""
         removed = []
-        for folder in (self.dir, self.dir / "checkpoints"):
+        for folder in (self.results_dir, self.dir, self.dir / "checkpoints"):
             if folder.is_dir():
                 for p in folder.iterdir():
                     if _TEMP_FILE.match(p.name) and p.is_file():
@@ -126,26 +136,52 @@ class RunOutputs:
                extras: Mapping[str, Any] | None = None) -> None:
         """Round `rnd`'s results; with `state`, its checkpoint when one is due (holding `extras` too: what an
         exact resume needs beyond the model, as tensors and plain data)."""
-        self.history = [h for h in self.history if h[0] < rnd] + [(rnd, float(loss), float(perplexity))]
+        earlier = [h for h in self.history if h[0] < rnd]
+        best = state is not None and rnd > 0 and math.isfinite(loss) and all(loss < h[1] for h in earlier if h[0] > 0)
+        self.history = earlier + [(rnd, float(loss), float(perplexity))]
         results = read_results(self.results_path)
         results[self.key] = list(self.history)
         atomic_write(self.results_path, lambda f: pickle.dump(results, f))
         text = "".join(f"Round: {r}, Loss: {l:.6f}, Perplexity: {p:.6f}\n" for r, l, p in self.history)
         atomic_write(self.eval_path, lambda f: f.write(text.encode()))
+        saved = None
         if state is not None and rnd > 0 and self._checkpoint_due(rnd):
-            self.save_checkpoint(rnd, state, extras)
+            saved = self.save_checkpoint(rnd, state, extras)
+        if best:
+            self._save_best(rnd, state, extras, saved)
         self._plot()
+
+    def _save_best(self, rnd: int, state: Mapping[str, torch.Tensor], extras: Mapping[str, Any] | None,
+                   saved: Path | None) -> None:
+        """The best checkpoint: a hard link to the round's own checkpoint when it was just written (no second
+        copy of the model on disk), else written in full; replaced atomically either way."""
+        path = self.best_checkpoint_path
+        if saved is not None:
+            tmp = path.with_name(f".{path.name}.link.tmp")
+            try:
+                tmp.unlink(missing_ok=True)
+                os.link(saved, tmp)
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+                return
+            except OSError:  # a file system without hard links: write it
+                tmp.unlink(missing_ok=True)
+        self._write_checkpoint(path, rnd, state, extras)
 
     def _checkpoint_due(self, rnd: int) -> bool:
         return rnd == self.rounds or (self.checkpoint_every > 0 and rnd % self.checkpoint_every == 0)
 
     def save_checkpoint(self, rnd: int, state: Mapping[str, torch.Tensor], extras: Mapping[str, Any] | None = None) -> Path:
-        path = self.checkpoint_path(rnd)
+        path = self._write_checkpoint(self.checkpoint_path(rnd), rnd, state, extras)
+        if self.keep_checkpoints:
+            self._prune_checkpoints(rnd)
+        return path
+
+    def _write_checkpoint(self, path: Path, rnd: int, state: Mapping[str, torch.Tensor],
+                          extras: Mapping[str, Any] | None) -> Path:
         payload = {**(extras or {}), "model_state_dict": {k: v.contiguous() for k, v in state.items()},
                    "experiment_key": self.key, "round": rnd, "config": self.config, "history": list(self.history)}
         atomic_write(path, lambda f: torch.save(payload, f))
-        if self.keep_checkpoints:
-            self._prune_checkpoints(rnd)
         return path
 
     def _prune_checkpoints(self, rnd: int) -> None:

@@ -46,6 +46,11 @@ from .spill import SpillDir, SpilledState
 from .streaming import receive
 
 
+class RunFailed(RuntimeError):
+    """The run cannot be called a success: a round trained too few clients (and allow-failed-rounds is off), or no
+    round's merged model was kept. Raised out of the ServerApp, so Flower records the run as failed."""
+
+
 def make_inner_strategy(cfg: RunConfig) -> FedAvg:
     """Flower's strategy named by `strategy`, with the run's sampling settings."""
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
@@ -109,7 +114,7 @@ class _Round:
 
 
 class FederatedTensorParallel(Strategy):
-    def __init__(self, args: ModelArgs, cfg: RunConfig, inner: FedAvg | None = None):
+    def __init__(self, args: ModelArgs, cfg: RunConfig, inner: FedAvg | None = None, output_dir: Path | None = None):
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
@@ -125,8 +130,11 @@ class FederatedTensorParallel(Strategy):
         # Message ids whose replies came too late for their round: removed from the SuperLink unread when they
         # arrive (pull.discard_replies), instead of staying there until the run ends.
         self._late: dict[str, None] = {}
-        self.spill_parent = Path(cfg.spill_dir or Path(cfg.output_dir) / "spill").expanduser()
+        self.spill_parent = Path(cfg.spill_dir or Path(output_dir or cfg.output_dir or "outputs") / "spill").expanduser()
         self.memory = PhasePeaks()
+        self.failure: str | None = None  # why the last round closed without a merged model (too few replies)
+        # server round -> (valid replies merged, "trained" | "skipped" | "refused"): what each round of start() did
+        self.rounds_done: dict[int, tuple[int, str]] = {}
 
     # ----------------------------------------------------------------------------------- messages
 
@@ -339,8 +347,9 @@ class FederatedTensorParallel(Strategy):
         log(INFO, "round %d: %d valid repl%s, %.1f MB received", rnd.number, n, "y" if n == 1 else "ies",
             rnd.received / 1e6)
         if n < self.cfg.min_train_nodes:
-            log(WARNING, "round %d: %d valid replies, fewer than min-train-nodes=%d; round skipped, global model kept",
-                rnd.number, n, self.cfg.min_train_nodes)
+            self.failure = (f"round {rnd.number}: {n} valid repl{'y' if n == 1 else 'ies'}, fewer than "
+                            f"min-train-nodes={self.cfg.min_train_nodes}")
+            log(WARNING, "%s; round skipped, global model kept", self.failure)
             return None, None
         untrained = sorted(set(range(self.world_size)) - {rank for _, rank, _, _ in rnd.accepted})
         if untrained:
@@ -463,14 +472,18 @@ class FederatedTensorParallel(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               first_round: int = 1,
-              record_fn: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None) -> Result:
+              record_fn: Callable[[int, ArrayRecord, MetricRecord | None, bool], None] | None = None) -> Result:
         """Flower's round loop, able to begin at `first_round` (resume). Round first_round-1 is evaluated
         first (round 0 = the initial model).
 
         evaluate_fn(round, arrays) evaluates a model on the server's held-out data (a MetricRecord with "loss");
         a merged model it finds non-finite or too much worse than the previous one is refused (the global
-        model stays, the inner rule's state too) and the round goes on. record_fn(round, arrays, metrics) is
-        called once per round with the global model the round ends with."""
+        model stays, the inner rule's state too) and the round goes on. record_fn(round, arrays, metrics, trained) is
+        called once per round with the global model the round ends with (trained: this round's merge became it).
+
+        A round with fewer than min-train-nodes valid replies raises RunFailed (before it records anything), unless
+        allow-failed-rounds; so does a run none of whose merged models was kept. The last log line says what each
+        round did (rounds_line)."""
         log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
         self.summary()
         result, arrays = Result(), initial_arrays
@@ -483,7 +496,7 @@ class FederatedTensorParallel(Strategy):
             if kept is not None:
                 result.evaluate_metrics_serverapp[first_round - 1] = kept
         if record_fn:
-            record_fn(first_round - 1, arrays, kept)
+            record_fn(first_round - 1, arrays, kept, False)
         for rnd in range(first_round, num_rounds + 1):
             t0 = time.time()
             log(INFO, "")
@@ -503,19 +516,30 @@ class FederatedTensorParallel(Strategy):
                 del msg  # released before the next reply is pulled
             if sending:
                 self.memory.mark("sending")
+            self.failure = None
             new_arrays, train_metrics = self._close_round(state, quorum_ended=bool(outstanding) and self._quorum_met(state))
             self._late.update(outstanding)
+            merged = len(state.accepted) if new_arrays is not None else 0
             del state, batches
             self.memory.mark("receiving and merging")
+            outcome = "skipped"
             if new_arrays is not None:
                 new_metrics = evaluate_fn(rnd, new_arrays) if evaluate_fn else None
                 if (why := self._refuse(rnd, new_metrics, kept)) is not None:
                     log(WARNING, "round %d: refusing the merged model: %s; keeping the previous global model",
                         rnd, why)
                     self.discard_round()
+                    outcome = "refused"
                 else:
                     arrays = result.arrays = new_arrays
                     kept = new_metrics
+                    outcome = "trained"
+            self.rounds_done[rnd] = (merged, outcome)
+            if outcome == "skipped" and not self.cfg.allow_failed_rounds:
+                log(WARNING, "%s", self.rounds_line())
+                raise RunFailed(f"{self.failure}: the run stops as failed, and this round writes no checkpoint "
+                                "(see the clients' errors above; allow-failed-rounds = true skips such a round and "
+                                "goes on)")
             if kept is not None:
                 result.evaluate_metrics_serverapp[rnd] = kept
             if train_metrics is not None:
@@ -531,14 +555,27 @@ class FederatedTensorParallel(Strategy):
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics
             self.memory.mark("evaluating")
             if record_fn:
-                record_fn(rnd, arrays, kept)
+                record_fn(rnd, arrays, kept, outcome == "trained")
             self.memory.mark("recording")
             log(INFO, "round %d: ServerApp peak RSS: %s", rnd, self.memory.line())
             log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
         self._discard_late(grid)
         if result.arrays is None:
             result.arrays = arrays
+        log(INFO, "%s", self.rounds_line())
+        if self.rounds_done and not any(o == "trained" for _, o in self.rounds_done.values()) \
+                and not self.cfg.allow_failed_rounds:
+            raise RunFailed("no round's merged model was kept, so the model is the one the run started from: the run "
+                            "ends as failed (allow-failed-rounds = true accepts this)")
         return result
+
+    def rounds_line(self) -> str:
+        """What the rounds of this run did, for the run's last log line."""
+        done = self.rounds_done
+        trained = sum(o == "trained" for _, o in done.values())
+        per = ", ".join(f"{r}: {n} client{'' if n == 1 else 's'}" + ("" if o == "trained" else f" ({o})")
+                        for r, (n, o) in sorted(done.items()))
+        return f"fedtp-flwr: {trained} of {len(done)} round{'' if len(done) == 1 else 's'} trained ({per or 'none'})"
 
     def _discard_late(self, grid: Grid) -> None:
         """Remove from the SuperLink, unread, the replies that came after their round ended."""
