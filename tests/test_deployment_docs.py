@@ -38,12 +38,11 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 APP_DIR = Path(__file__).resolve().parents[1]
 GUIDE = APP_DIR / "docs" / "deployment.md"
 README = APP_DIR / "README.md"
-CORPUS = APP_DIR / "fedtp_flwr" / "data" / "corpus" / "train"
 
 MARKER_RE = re.compile(r"<!-- doc-test: ([\w-]+)(?::\s*(.*?))? -->\n```bash\n(.*?)\n```", re.S)
 FENCE_RE = re.compile(r"^```bash$", re.M)
 #: The roles the slow test runs, each exactly once in the guide.
-RUN_ROLES = {"certs", "superlink", "superlink-ready", "cli-config", "node-key", "register", "supernode",
+RUN_ROLES = {"certs", "superlink", "superlink-ready", "cli-config", "node-key", "register", "node-data", "supernode",
              "second-node-key", "second-supernode", "nodes-online", "first-run", "run-status", "submit-run",
              "stop-run", "stop-clientapps"}
 RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
@@ -229,6 +228,15 @@ def clientapps(tag: str) -> dict[int, str]:
     return {pid: cmd for pid, cmd in fh.find_tagged_processes(tag).items() if "flwr-clientapp" in cmd}
 
 
+def first_run(g: GuideRunner, server: Machine) -> tuple[int, str]:
+    """The guide's first run, and its status and log once it has finished: (run id, output)."""
+    rc, out = g.run("first-run", server, timeout=300)
+    m = RUN_ID_RE.search(out)
+    assert m, out[-3000:]
+    run_id = int(m.group(1))
+    return run_id, g.poll("run-status", server, lambda out: '"finished:' in out, "finished", timeout=60, run_id=run_id)
+
+
 @pytest.mark.slow
 def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
     if shutil.which("flwr", path=str(Path(sys.executable).parent)) is None:
@@ -247,10 +255,6 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         m.home.mkdir(parents=True)
         m.cwd.mkdir(parents=True)
     copy_checkout(server.cwd)
-    (root / "data").mkdir()
-    for name, play, n in (("client-a", "henry-v", 300), ("client-b", "the-tempest", 200)):
-        lines = (CORPUS / f"{play}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-        (root / "data" / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
 
     g = GuideRunner(root, blocks)
     fh._TAG_PATHS[g.tag] = [str(root)]  # the harness's atexit net stops them even if this process dies
@@ -280,7 +284,11 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
             assert rc == 0 and '"success": true' in out, out
             registered.append(int(json.loads(out)["node-id"]))
 
-        # 6. SuperNodes; the unregistered one is refused and named in the SuperLink's own log
+        # 6. the nodes' data (the guide makes it), SuperNodes; the unregistered one is refused and named in the
+        # SuperLink's own log
+        rc, out = g.run("node-data", client)
+        assert rc == 0 and [len((root / "data" / f"client-{x}.jsonl").read_text().splitlines()) for x in "ab"] \
+            == [300, 200], out
         g.start("supernode", client, "supernode-a")
         g.start("second-supernode", client, "supernode-b")
         refused = g.start("supernode", intruder, "supernode-unregistered")
@@ -296,19 +304,19 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         g.poll("nodes-online", server,
                lambda out: [node_statuses(out).get(n) for n in registered] == ["online", "online"], "both online")
 
-        # 7. the first run completes, with its outputs; flwr run exits 0 whatever happened: read the status
-        rc, out = g.run("first-run", server, timeout=300)
-        m = RUN_ID_RE.search(out)
-        assert m, out[-3000:]
-        first = int(m.group(1))
-        status = g.poll("run-status", server, lambda out: '"finished:' in out, "finished", timeout=30, run_id=first)
+        # 7. the first run completes, both nodes trained, with its outputs in its own folder; flwr run exits 0
+        # whatever happened: read the status and the log's last line
+        first, status = first_run(g, server)
         assert re.search(r'"status":\s*"finished:completed"', status), status[-3000:] + g.logs()
-        assert "round 1: held-out loss" in status, status[-3000:]
+        assert "round 1: held-out loss" in status and "round 1: 2 valid replies" in status, status[-3000:]
+        assert "fedtp-flwr: 1 of 1 round trained (1: 2 clients)" in status, status[-3000:]
         outputs = server.cwd / "outputs"
         history = next(iter(read_results(outputs / "experiment_results_llama32.pkl").values()))
         assert [r for r, _, _ in history] == [0, 1] and history[-1][1] < history[0][1], history
-        assert len((outputs / "eval_res_llama32_ws2_r1.txt").read_text().splitlines()) == 2
-        assert [p.name for p in (outputs / "checkpoints").glob("*.pth")] == ["llama32_tiny_ws2_lr0.001_round1.pth"]
+        run_dir = outputs / f"run-{first}"
+        assert len((run_dir / "eval_res_llama32_ws2_r1.txt").read_text().splitlines()) == 2
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pth")) == [
+            "llama32_tiny_ws2_lr0.001_best.pth", "llama32_tiny_ws2_lr0.001_round1.pth"]
         for name in ("supernode-a", "supernode-b"):  # each node trained on its own file
             assert re.search(r"round \d: received the rank \d/2 slice: .* training on \w+, \d+ local examples",
                              g.background[name].output), g.background[name].output[-3000:]
@@ -335,9 +343,20 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, f"ClientApps left after stop-clientapps: {clientapps(g.tag)}"
             time.sleep(0.5)
         assert all(g.background[n].is_running() for n in ("superlink", "supernode-a", "supernode-b")), g.logs()
-        g.poll("nodes-online", server,
-               lambda out: [node_statuses(out).get(n) for n in registered] == ["online", "online"],
-               "both still online")
+
+        # the nodes take the next run at once, and both train in it
+        third, status = first_run(g, server)
+        assert re.search(r'"status":\s*"finished:completed"', status), status[-3000:] + g.logs()
+        assert "fedtp-flwr: 1 of 1 round trained (1: 2 clients)" in status, status[-3000:]
+
+        # without the data files no node trains: the run ends failed, the nodes' DataError in its log
+        for x in "ab":
+            (root / "data" / f"client-{x}.jsonl").rename(root / "data" / f"client-{x}.jsonl.away")
+        fourth, status = first_run(g, server)
+        assert re.search(r'"status":\s*"finished:failed"', status), status[-3000:] + g.logs()
+        assert "DataError" in status and "no such file or directory" in status, status[-3000:]
+        assert "round 1: 0 valid replies, fewer than min-train-nodes=1" in status, status[-3000:]
+        assert not (outputs / f"run-{fourth}" / "checkpoints").exists()
     finally:
         survivors = g.stop_all()
         fh._TAG_PATHS.pop(g.tag, None)
