@@ -50,7 +50,6 @@ import learning_quality as lq
 import method_comparison as mc
 import torch
 
-import fedtp_flwr.training.loop
 from fedtp_flwr.client.app import local_dataset, node_seed
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.data import build_dataset, eval_batches, iterate_batches, load_examples, load_tokenizer
@@ -433,8 +432,6 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    bar = fedtp_flwr.training.loop.tqdm
-    fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     out = Path(a.out) if a.out else _common.RESULTS_DIR / "adapter_comparison.json"
     doc = {"runs": [], "corpora": {}}
     if out.exists() and not a.fresh:

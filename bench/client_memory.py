@@ -11,6 +11,7 @@ defines the keys and how each is counted):
   +bf16-weights    client-param-dtype "bfloat16" (stochastic rounding, no float32 master copy)
   +in-backward     optimizer-in-backward: no gradient buffers (max-grad-norm 0)
   best             + loss-chunk-tokens 128, context-group-size 128: the configs/llama32-3b-small-gpu*.toml recipes
+  best+rest-adapter  + rest-adapter-rank 16 (context mode's low-rank update of the frozen rest, issue 21)
   independent-best (beside the ladder) the optimizer and loss options of best on independent slices
 
 Analytic (`_memory_model.client_peak`): from the very model the client builds (meta device), its trainable
@@ -59,6 +60,7 @@ OPTIONS: dict[str, dict] = {
     "+bf16-weights": _BF16,
     "+in-backward": _INBWD,
     "best": BEST,
+    "best+rest-adapter": {**BEST, "rest-adapter-rank": 16},
     # Not in the ladder: the same optimizer and loss options on independent slices (no frozen rest to hold;
     # embeddings and output replicated).
     "independent-best": {k: v for k, v in BEST.items() if k not in ("slice-mode", "vocab-parallel")},

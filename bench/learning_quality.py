@@ -48,7 +48,6 @@ import _common
 import torch
 from flwr.app import ArrayRecord, MessageType
 
-import fedtp_flwr.training.loop
 from fedtp_flwr.data import (
     ByteTokenizer,
     build_dataset,
@@ -375,8 +374,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     if not a.verbose:  # the server's per-round log and the clients' progress bars, hundreds of lines
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        bar = fedtp_flwr.training.loop.tqdm
-        fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     t_start = time.perf_counter()
     ckpt, pre = pretrain(a)
     args = preset_args(PRESET)

@@ -32,7 +32,6 @@ import _common
 import learning_quality as lq
 import torch
 
-import fedtp_flwr.training.loop
 from fedtp_flwr.data import build_dataset, iterate_batches, load_tokenizer
 from fedtp_flwr.model import build_model, preset_args
 from fedtp_flwr.model.checkpoint import save_meta_checkpoint
@@ -123,8 +122,6 @@ def main(argv=None) -> dict:
     names = list(CONFIGS) if a.configs == "all" else a.configs.split(",")
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    bar = fedtp_flwr.training.loop.tqdm
-    fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
 
     t0 = time.perf_counter()
     tok_path = train_tokenizer(Path(a.cache_dir))

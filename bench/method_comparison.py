@@ -68,7 +68,6 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-import fedtp_flwr.training.loop
 from fedtp_flwr.client.app import local_dataset, node_seed
 from fedtp_flwr.data import build_dataset, eval_batches, iterate_batches, load_examples, load_tokenizer
 from fedtp_flwr.model import ModelArgs, build_model, preset_args
@@ -552,8 +551,6 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    bar = fedtp_flwr.training.loop.tqdm
-    fedtp_flwr.training.loop.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     out = Path(a.out) if a.out else _common.RESULTS_DIR / "method_comparison.json"
     settings = {k: v for k, v in vars(a).items() if k not in ("plan", "cache_dir", "out", "only")}
     settings["cache_dir"] = os.path.relpath(a.cache_dir, _common.REPO_ROOT)

@@ -63,3 +63,17 @@ def test_invalid_config_value_fails_the_run_naming_the_key(tmp_path: Path) -> No
     assert "world-size" in res.status_details or "world-size" in res.log_text
     assert "node -> rank" not in res.log_text  # nothing was sent to any node
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pth"))
+
+
+def test_a_run_in_which_no_client_trained_ends_failed(tmp_path: Path) -> None:
+    """Every ClientApp fails on its data (a train-data file that does not exist): the round gets no valid reply,
+    the ServerApp stops the run, and Flower reports it failed, with the clients' error and the rounds line in the
+    log and no checkpoint written."""
+    cfg = small_config(tmp_path / "outputs", **{"train-data": str(tmp_path / "missing.jsonl")})
+    res = fh.run_simulation(APP_DIR, cfg, num_supernodes=2, client_cpus=1, timeout_s=240)
+    assert res.returncode == 0  # `flwr run --stream` exits 0 even then: only the status tells
+    assert res.status == "finished:failed", res.describe()
+    assert "missing.jsonl" in res.log_text and "0 valid replies, fewer than min-train-nodes=1" in res.log_text, \
+        res.describe()
+    assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in res.log_text, res.describe()
+    assert not any((tmp_path / "outputs").rglob("*.pth"))

@@ -148,7 +148,7 @@ def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> Tra
         lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=local_step_count(cfg, n_rows),
         grad_accum_steps=cfg.grad_accum_steps, precision=cfg.precision,
         gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
-        proximal_mu=job.proximal_mu, progress=True, optimizer=cfg.optimizer,
+        proximal_mu=job.proximal_mu, progress=None, optimizer=cfg.optimizer,
         optimizer_in_backward=cfg.optimizer_in_backward, loss_chunk_tokens=cfg.loss_chunk_tokens,
         adapter_lr_factor=cfg.adapter_lr_factor,
     )

@@ -356,7 +356,8 @@ def train_local(
     try:
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(settings.seed)
-            bar = tqdm(range(settings.local_steps), desc="local training", disable=not settings.progress, leave=False)
+            hide = None if settings.progress is None else not settings.progress  # None: tqdm shows it on a tty only
+            bar = tqdm(range(settings.local_steps), desc="local training", disable=hide, leave=False)
             for step in bar:  # the bar closes itself when the loop ends or raises
                 micro = [_next_batch(batches, step, i, settings) for i in range(settings.grad_accum_steps)]
                 step_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)

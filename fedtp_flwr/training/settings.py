@@ -59,7 +59,7 @@ class TrainSettings:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 42
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_ref||^2 to the objective
-    progress: bool = False  # tqdm bar over local steps
+    progress: Optional[bool] = False  # tqdm bar over local steps (None: only when stderr is a terminal)
     optimizer: str = "adamw"  # one of OPTIMIZERS
     optimizer_in_backward: bool = False  # step each parameter as soon as its gradient is ready; no grad buffers
     loss_chunk_tokens: int = 0  # > 0: compute the loss this many tokens at a time (chunked_loss.py); 0: at once
@@ -107,8 +107,8 @@ class TrainSettings:
             raise bad("seed", "an integer >= 0")
         if not is_real(self.proximal_mu) or self.proximal_mu < 0:
             raise bad("proximal_mu", "a finite number >= 0")
-        if not isinstance(self.progress, bool):
-            raise bad("progress", "True or False")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise bad("progress", "True, False or None (only on a terminal)")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"one of {OPTIMIZERS}")
         if not isinstance(self.optimizer_in_backward, bool):
