@@ -62,7 +62,9 @@ CODE_GROUPS = ("asyncio", "email", "idlelib", "tkinter")
 HOLDOUT_EVERY = 8
 CHUNK_CHARS = 2000  # a source file is cut into examples of about this many characters, at line ends
 
-_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64}
+# plain context slices (no rest adapter: rest-adapter-rank's auto default would add one)
+_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64,
+        "rest-adapter-rank": 0}
 SERVER_METHODS = {
     "fedavg": {"world-size": 1},
     "ctx-w2": {"world-size": 2, **_CTX},

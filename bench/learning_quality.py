@@ -78,7 +78,7 @@ GROUP_SIZE = 64
 def _config(world_size: int, mode: str = "independent", weighting: str = "per-rank", bits: int = 8,
             swap: bool = False) -> dict:
     return {"world-size": world_size, "slice-mode": mode, "merge-weighting": weighting, "context-bits": bits,
-            "context-group-size": GROUP_SIZE, "enable-swapping": swap}
+            "context-group-size": GROUP_SIZE, "enable-swapping": swap, "rest-adapter-rank": 0}
 
 
 CONFIGS: dict[str, dict] = {

@@ -40,7 +40,9 @@ from fedtp_flwr.training import TrainSettings, train_local
 VOCAB = 2048
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>"]
 
-_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64}
+# plain context slices (no rest adapter: rest-adapter-rank's auto default would add one)
+_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64,
+        "rest-adapter-rank": 0}
 BEST = {"vocab-parallel": True, "client-param-dtype": "bfloat16", "optimizer": "adamw4bit",
         "optimizer-in-backward": True, "max-grad-norm": 0.0, "loss-chunk-tokens": 128, "context-group-size": 128}
 CONFIGS = {

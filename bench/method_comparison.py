@@ -77,7 +77,9 @@ from fedtp_flwr.training import TrainSettings, evaluate, train_local
 from fedtp_flwr.wire import decode, encode, record_nbytes
 
 LORA_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64}
+# plain context slices (no rest adapter: rest-adapter-rank's auto default would add one)
+_CTX = {"slice-mode": "context", "merge-weighting": "all-clients", "context-bits": 4, "context-group-size": 64,
+        "rest-adapter-rank": 0}
 SERVER_METHODS = {
     "fedavg": {"world-size": 1},
     "ctx-w2": {"world-size": 2, **_CTX}, "ctx-w4": {"world-size": 4, **_CTX},

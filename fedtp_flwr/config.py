@@ -21,6 +21,8 @@ from fedtp_flwr.wire import WIRE_DTYPES
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 SLICE_MODES = ("independent", "context")
+# rest-adapter-rank's auto value (bench/adapter_comparison.py ran rank 16 at 10x the learning rate)
+AUTO_REST_ADAPTER_RANK = 16
 WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split parameter's replies are weighted
 ROBUST_RULES = ("median", "trimmed-mean")  # server/robust.py: coordinate-wise rules within a rank group
 MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
@@ -60,8 +62,8 @@ class RunConfig:
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
-    rest_adapter_rank: int = _key("rest-adapter-rank", 0, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off)", minimum=0)
-    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 1.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True)
+    rest_adapter_rank: int = _key("rest-adapter-rank", -1, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off; -1, auto: 16 in context mode with the all-clients mean, else off)", minimum=-1)
+    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 10.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
     # -- untrusted clients
@@ -119,8 +121,7 @@ class RunConfig:
         if self.vocab_parallel and self.slice_mode != "context":
             raise ConfigError('config key \'vocab-parallel\': true needs slice-mode = "context": an independent '
                               "sub-model has no other vocabulary rows to take its softmax over")
-        if self.rest_adapter_rank and (self.slice_mode != "context" or self.effective_merge_weighting != "all-clients"
-                                       or self.rank_merge != "mean"):
+        if self.rest_adapter_rank > 0 and not self._adapter_fits:
             raise ConfigError(f"config key 'rest-adapter-rank': {self.rest_adapter_rank} needs slice-mode = \"context\", "
                               "merge-weighting = \"all-clients\" (or \"auto\") and rank-merge = \"mean\": the adapter "
                               "updates the weights outside a client's slice, which only the all-clients mean weighs in "
@@ -135,6 +136,18 @@ class RunConfig:
         if 0 < self.max_loss_increase < 1:
             raise ConfigError(f"config key 'max-loss-increase': {self.max_loss_increase!r} is not allowed; it must be 0 "
                               "(off) or >= 1 (a factor on the previous round's held-out loss)")
+
+    @property
+    def _adapter_fits(self) -> bool:
+        return self.slice_mode == "context" and self.effective_merge_weighting == "all-clients" \
+            and self.rank_merge == "mean"
+
+    @property
+    def effective_rest_adapter_rank(self) -> int:
+        """rest-adapter-rank, with auto (-1) resolved: AUTO_REST_ADAPTER_RANK where the adapter applies, else 0."""
+        if self.rest_adapter_rank >= 0:
+            return self.rest_adapter_rank
+        return AUTO_REST_ADAPTER_RANK if self._adapter_fits else 0
 
     @property
     def effective_merge_weighting(self) -> str:

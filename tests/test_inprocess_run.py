@@ -171,7 +171,9 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     """The options of configs/llama32-3b-small-gpu-*.toml through server.run: vocabulary-parallel context
     slices (the 128k-vocabulary preset, so the split rows are real), bf16 weights with torchao's
     stochastic-rounding AdamW, the step in backward, a chunked loss. Replies carry the vocabulary slice."""
+    from fedtp_flwr.config import AUTO_REST_ADAPTER_RANK
     from fedtp_flwr.model import preset_args
+    from fedtp_flwr.model.context import adapter_shapes
     from fedtp_flwr.model.sharding import slice_shapes
 
     grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": 4, "vocab-parallel": True,
@@ -181,8 +183,11 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     assert not any(m.has_error() for m in grid.replies)
     shapes = slice_shapes(preset_args("llama3.2-tiny"), 2, vocab_parallel=True)
     assert shapes["output.weight"] == (128256 // 2, 128)
+    # and the rest adapters context mode gets by default (on the blocks' linears, not the vocabulary rows)
+    adapters = adapter_shapes(preset_args("llama3.2-tiny"), 2, AUTO_REST_ADAPTER_RANK, vocab_parallel=True)
+    assert adapters and not any(k.startswith(("output", "tok_embeddings")) for k in adapters)
     for reply in grid.replies:
-        assert {k: tuple(a.shape) for k, a in reply.content["arrays"].items()} == shapes
+        assert {k: tuple(a.shape) for k, a in reply.content["arrays"].items()} == {**shapes, **adapters}
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
     (_, _, p0), (_, _, p1) = results[(2, 1e-3, False, 1, 42)]
     assert p1 < p0

@@ -119,8 +119,8 @@ class FederatedTensorParallel(Strategy):
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
         self.expected_shapes = {**slice_shapes(args, self.world_size, cfg.vocab_parallel),
-                                **(adapter_shapes(args, self.world_size, cfg.rest_adapter_rank, cfg.vocab_parallel)
-                                   if cfg.rest_adapter_rank else {})}
+                                **(adapter_shapes(args, self.world_size, cfg.effective_rest_adapter_rank,
+                                                  cfg.vocab_parallel) if cfg.effective_rest_adapter_rank else {})}
         self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
         self.current: ArrayRecord | None = None  # the global model sent out this round
         # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
@@ -181,7 +181,7 @@ class FederatedTensorParallel(Strategy):
                             "model-args": model_args, "wire-dtype": self.cfg.wire_dtype,
                             "slice-mode": self.cfg.slice_mode, "context-bits": self.cfg.context_bits,
                             "context-group-size": self.cfg.context_group_size, "vocab-parallel": self.cfg.vocab_parallel,
-                            "rest-adapter-rank": self.cfg.rest_adapter_rank})
+                            "rest-adapter-rank": self.cfg.effective_rest_adapter_rank})
                 batch.append(Message(content=RecordDict({**records, "config": cfg}), dst_node_id=node,
                                      message_type=message_type, ttl=message_ttl(self.cfg.round_timeout)))
             if message_type == MessageType.TRAIN:
@@ -193,7 +193,8 @@ class FederatedTensorParallel(Strategy):
         log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
             {n: ranks[n] for n in node_ids}, sent / 1e6, self.cfg.wire_dtype,
             (f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
-            + (f", rank-{self.cfg.rest_adapter_rank} rest adapters" if self.cfg.rest_adapter_rank else ""))
+            + (f", rank-{self.cfg.effective_rest_adapter_rank} rest adapters" if self.cfg.effective_rest_adapter_rank
+               else ""))
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
                   message_type: str) -> list[Message]:
