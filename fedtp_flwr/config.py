@@ -27,35 +27,35 @@ WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split p
 ROBUST_RULES = ("median", "trimmed-mean")  # server/robust.py: coordinate-wise rules within a rank group
 MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
 RANK_MERGES = ("mean",) + ROBUST_RULES
-# Keys whose values a client's TrainSettings takes as they are: TrainSettings' own checks are their rules
-# (RunConfig.__post_init__ runs them at start and names the key), so each rule is written once.
-TRAIN_SETTINGS_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_schedule", "warmup_steps", "local_steps",
-                         "grad_accum_steps", "precision", "gradient_checkpointing", "device", "seed", "proximal_mu",
-                         "optimizer", "optimizer_in_backward", "loss_chunk_tokens", "adapter_lr_factor")
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
-         exclusive_min: bool = False) -> Any:
-    meta = dict(key=name, help=help, choices=choices, minimum=minimum, exclusive_min=exclusive_min)
+         exclusive_min: bool = False, train: bool = False, resume_may_differ: bool = False) -> Any:
+    """A run-config key. Per-key facts live here: `train`, a client's TrainSettings takes the value as it is
+    (the field of the same name; TrainSettings' own checks are its rules, run at start by __post_init__, so each
+    rule is written once); `resume_may_differ`, a resumed run may change it (every other key changes the math,
+    so it must equal the checkpoint's)."""
+    meta = dict(key=name, help=help, choices=choices, minimum=minimum, exclusive_min=exclusive_min, train=train,
+                resume_may_differ=resume_may_differ)
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # -- federation
-    num_server_rounds: int = _key("num-server-rounds", 3, "federated rounds", minimum=1)
+    num_server_rounds: int = _key("num-server-rounds", 3, "federated rounds", minimum=1, resume_may_differ=True)
     world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
     enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds")
     swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1)
     strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class)", choices=STRATEGIES)
-    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu")
+    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", train=True)
     server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM server lr / FedOpt eta", minimum=0.0, exclusive_min=True)
     server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the run stops as failed (or, with allow-failed-rounds, the round is skipped)", minimum=1)
     allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)")
-    min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1)
-    round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True)
+    min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1, resume_may_differ=True)
+    round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True, resume_may_differ=True)
     round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
@@ -63,9 +63,9 @@ class RunConfig:
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
     rest_adapter_rank: int = _key("rest-adapter-rank", -1, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off; -1, auto: 16 in context mode with the all-clients mean, else off)", minimum=-1)
-    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 10.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True)
+    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 10.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True, train=True)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
-    client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data")
+    client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data", resume_may_differ=True)
     # -- untrusted clients
     max_num_examples: int = _key("max-num-examples", 100_000_000, "largest weight a reply may claim (a training reply's num-examples, a client-eval reply's num-tokens); a reply claiming more is dropped", minimum=1)
     outlier_norm_factor: float = _key("outlier-norm-factor", 10.0, "drop a reply whose update norm (its rank slice, or the replicated layers) exceeds this multiple of the round's median, when >= 3 replies compare (0: off)", minimum=0.0)
@@ -85,35 +85,35 @@ class RunConfig:
     max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
     eval_batches: int = _key("eval-batches", 8, "held-out batches per evaluation (0: all)", minimum=0)
     # -- local training
-    learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate")
-    weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)")
+    learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate", train=True)
+    weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)", train=True)
     batch_size: int = _key("batch-size", 4, "sequences per micro-batch", minimum=1)
     max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1)
-    local_steps: int = _key("local-steps", 10, "optimizer steps per client per round")
+    local_steps: int = _key("local-steps", 10, "optimizer steps per client per round", train=True)
     local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0)
-    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step")
-    max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)")
-    lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=LR_SCHEDULES)
-    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule")
-    gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward")
-    optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS)
+    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", train=True)
+    max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", train=True)
+    lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=LR_SCHEDULES, train=True)
+    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", train=True)
+    gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward", train=True)
+    optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS, train=True)
     client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=tuple(PARAM_DTYPES))
-    optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)")
-    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)")
-    device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS)
-    seed: int = _key("seed", 42, "seed for init, data order and sampling")
+    optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)", train=True)
+    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", train=True)
+    device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N", train=True, resume_may_differ=True)
+    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS, train=True)
+    seed: int = _key("seed", 42, "seed for init, data order and sampling", train=True)
     # -- outputs
-    output_dir: str = _key("output-dir", "", "where results, eval files and checkpoints go (empty: outputs/run-<run id>/ per run, the results .pkl in outputs/, merged across runs; a resumed run continues in its checkpoint's folder)")
-    checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0)
-    keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0)
-    resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)")
+    output_dir: str = _key("output-dir", "", "where results, eval files and checkpoints go (empty: outputs/run-<run id>/ per run, the results .pkl in outputs/, merged across runs; a resumed run continues in its checkpoint's folder)", resume_may_differ=True)
+    checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0, resume_may_differ=True)
+    keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0, resume_may_differ=True)
+    resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)", resume_may_differ=True)
 
     def __post_init__(self):
         """Checks that involve several keys, and the training keys' rules (TrainSettings'; each other key alone
         is checked by from_run_config)."""
         try:
-            TrainSettings(**{name: getattr(self, name) for name in TRAIN_SETTINGS_FIELDS})
+            self.train_settings()
         except SettingError as e:
             keys = {f.name: f.metadata["key"] for f in fields(self)}
             raise ConfigError(f"config key {keys[e.field]!r}: {e.value!r} is not allowed; it must be "
@@ -136,6 +136,17 @@ class RunConfig:
         if 0 < self.max_loss_increase < 1:
             raise ConfigError(f"config key 'max-loss-increase': {self.max_loss_increase!r} is not allowed; it must be 0 "
                               "(off) or >= 1 (a factor on the previous round's held-out loss)")
+
+    def train_settings(self, **overrides) -> TrainSettings:
+        """The TrainSettings of this run's `train` keys (each is the field of the same name), with `overrides`
+        (what only a client knows: its seed, its step count, FedProx's mu from the server)."""
+        return TrainSettings(**{**{f.name: getattr(self, f.name) for f in fields(self) if f.metadata["train"]},
+                                **overrides})
+
+    @classmethod
+    def resume_may_differ(cls) -> set[str]:
+        """Keys a resumed run may change (the rest must equal the checkpoint's)."""
+        return {k for k, f in cls.keys().items() if f.metadata["resume_may_differ"]}
 
     @property
     def _adapter_fits(self) -> bool:

@@ -143,15 +143,8 @@ def local_step_count(cfg: RunConfig, n_rows: int) -> int:
 
 
 def train_settings(cfg: RunConfig, job: SliceJob, seed: int, n_rows: int) -> TrainSettings:
-    return TrainSettings(
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, local_steps=local_step_count(cfg, n_rows),
-        grad_accum_steps=cfg.grad_accum_steps, precision=cfg.precision,
-        gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device, seed=seed,
-        proximal_mu=job.proximal_mu, progress=None, optimizer=cfg.optimizer,
-        optimizer_in_backward=cfg.optimizer_in_backward, loss_chunk_tokens=cfg.loss_chunk_tokens,
-        adapter_lr_factor=cfg.adapter_lr_factor,
-    )
+    return cfg.train_settings(local_steps=local_step_count(cfg, n_rows), seed=seed, proximal_mu=job.proximal_mu,
+                              progress=None)
 
 
 def param_dtype(cfg: RunConfig) -> torch.dtype:

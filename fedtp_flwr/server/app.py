@@ -36,11 +36,6 @@ def model_name(cfg: RunConfig) -> str:
     return Path(cfg.checkpoint_dir).name if cfg.checkpoint_dir else cfg.model
 
 
-# Settings a resumed run may change: every other one changes the math, so it must equal the checkpoint's
-# (a key the checkpoint predates is not compared). num-server-rounds may grow: a run can be extended.
-RESUME_MAY_DIFFER = ("num-server-rounds", "resume-from", "output-dir", "round-timeout", "checkpoint-every",
-                     "keep-checkpoints", "device", "client-eval", "min-available-nodes")
-
 
 def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], int, list, dict]:
     """(args, state, first round, history, resume extras): from resume-from, checkpoint-dir, or the preset
@@ -51,7 +46,8 @@ def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], i
         stored = ckpt["config"]
         args = ModelArgs.from_params(json.loads(stored["model-args"]))
         now = cfg.to_dict()
-        for key in sorted(set(now) - set(RESUME_MAY_DIFFER)):
+        # a key the checkpoint predates is not compared; num-server-rounds may grow: a run can be extended
+        for key in sorted(set(now) - RunConfig.resume_may_differ()):
             if key in stored and stored[key] != now[key]:
                 raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint was written with {key}="
                                   f"{stored[key]!r}, this run has {now[key]!r}")

@@ -441,8 +441,8 @@ class FederatedTensorParallel(Strategy):
             self.world_size, self.cfg.slice_mode, self.cfg.effective_merge_weighting, self.cfg.wire_dtype,
             f"every {self.cfg.swap_period} rounds" if self.cfg.enable_swapping else "off")
         if self.cfg.slice_mode == "context" and self.cfg.effective_merge_weighting == "per-rank":
-            log(WARNING, "context slices with per-rank merging diverged in our benchmark (1.17x FedAvg's perplexity "
-                "at W=2, 1.87x at W=4); all-clients merging matched FedAvg (bench/results/learning_quality.md)")
+            log(WARNING, "context slices with per-rank merging learn far worse than with all-clients merging in our "
+                "benchmark (bench/results/learning_quality.md)")
         if self.cfg.min_available_nodes < self.world_size:
             log(WARNING, "min-available-nodes=%d is less than world-size=%d: a round may start with fewer nodes "
                 "than ranks, and the ranks without a node go untrained that round", self.cfg.min_available_nodes,
