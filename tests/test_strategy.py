@@ -1,5 +1,7 @@
 """The tensor-parallel Strategy driven directly with mock Messages (no grid, no Flower run)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -194,16 +196,35 @@ def _bad_replies(msgs):
     return bad
 
 
-def test_each_kind_of_bad_reply_is_dropped_with_a_reason(caplog):
+# The reason the server logs for each kind of bad reply (one line each: the whole-run attack tests need not repeat
+# them); each names what is wrong and where.
+BAD_REPLY_REASONS = {
+    "nan": r"layers\.0\.attention\.wq\.weight: 1 non-finite value\(s\) \(NaN/Inf\)",
+    "inf": r"norm\.weight: 1 non-finite value\(s\) \(NaN/Inf\)",
+    "missing": r"keys differ from the slice sent: missing \['layers\.0\.attention\.wq\.weight'\], unexpected \[\]",
+    "extra": r"keys differ from the slice sent: missing \[\], unexpected \['layers\.0\.attention\.bias'\]",
+    "shape": r"layers\.0\.attention\.wq\.weight: shape \(3, 3\), expected \(8, 16\)",
+    "full": r"layers\.0\.attention\.wq\.weight: shape \(16, 16\), expected \(8, 16\)",
+    "error": r"error reply \(code 2\): ClientApp raised",
+    "zero-examples": r"num-examples must be an integer in \[1, \d+\] \(max-num-examples\), got 0",
+    "nan-examples": r"num-examples must be an integer in \[1, \d+\] \(max-num-examples\), got nan",
+    "dtype": r"layers\.0\.attention\.wq\.weight: dtype float64, expected float32",
+    "no-metrics": r"records \['arrays'\], expected exactly \['arrays', 'metrics'\]",
+}
+
+
+def test_each_kind_of_bad_reply_is_dropped_with_its_reason(caplog):
     s = make_strategy(world_size=2, min_train_nodes=1)
     state = global_model()
     _, msgs = configure(s, state, [1, 2])
-    for name, reply in _bad_replies(msgs).items():
+    bad = _bad_replies(msgs)
+    assert set(bad) == set(BAD_REPLY_REASONS)
+    for name, reply in bad.items():
         caplog.clear()
         arrays, metrics = s.aggregate_train(1, [reply])
         assert arrays is None and metrics is None, name  # the only reply was bad: round skipped
-        text = caplog.text
-        assert "dropping reply from node" in text and "round skipped" in text, (name, text)
+        line = next((l for l in caplog.text.splitlines() if "dropping reply from node 1 (rank 0): " in l), "")
+        assert re.search(BAD_REPLY_REASONS[name], line), (name, caplog.text)
 
 
 def test_bad_reply_does_not_touch_the_global_slice():
