@@ -296,33 +296,21 @@ def test_deployment_two_supernodes(toy_app: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_deployment_tls_and_supernode_auth(toy_app: Path) -> None:
-    with fh.Deployment(tls=True, supernode_auth=True) as dep:
-        assert "--ssl-certfile" in dep.superlink.args
+def test_deployment_run_that_cannot_finish_is_stopped_at_its_timeout(toy_app: Path) -> None:
+    """The harness's timeout: a run that waits for a second node is stopped with `flwr stop`. (TLS and node
+    authentication are tested once, end to end, by tests/test_deployment_docs.py.)"""
+    with fh.Deployment() as dep:
         good = dep.start_supernode({"partition-id": 0, "num-partitions": 1})
-        assert good.extra["registration"]["success"]
-
-        bad = dep.start_unregistered_supernode({"partition-id": 1, "num-partitions": 2})
-        assert bad.returncode is not None and bad.returncode != 0, bad.output[-2000:]
-        assert "Failed to activate SuperNode" in bad.output
-
-        online = [nd for nd in dep.list_nodes() if nd["status"] == "online"]
-        assert len(online) == 1
-
         res = dep.run(toy_app, {"num-server-rounds": 1, "min-nodes": 1}, timeout_s=180)
         res.assert_ok()
         assert "TOY-FINAL rounds=1 value=1.0000" in res.log_text, res.describe()
         assert good.output.count("TOY-TRAIN partition-id=0") == 1
-        assert "TOY-TRAIN" not in bad.output
 
-        # A run that cannot finish (waits for a 2nd node): timeout -> `flwr stop`
         res = dep.run(toy_app, {"num-server-rounds": 1, "min-nodes": 2}, timeout_s=10)
         assert res.timed_out and res.returncode is None
         assert res.status == "finished:stopped", res.describe()
         assert "Waiting for nodes to connect" in res.log_text
-    # the workdir was a temp dir and is gone, but the outputs were kept
-    assert not dep.workdir.exists()
-    assert "Failed to activate SuperNode" in dep.output(bad.name)
+    assert not dep.workdir.exists()  # the workdir was a temp dir
 
 
 @pytest.mark.slow
