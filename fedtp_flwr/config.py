@@ -19,7 +19,7 @@ from fedtp_flwr.training.settings import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES,
 from fedtp_flwr.wire import WIRE_DTYPES
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
 SLICE_MODES = ("independent", "context")
 # rest-adapter-rank's auto value (bench/adapter_comparison.py ran rank 16 at 10x the learning rate)
 AUTO_REST_ADAPTER_RANK = 16
@@ -47,10 +47,10 @@ class RunConfig:
     world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
     enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds")
     swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1)
-    strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class)", choices=STRATEGIES)
+    strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class; diloco: DiLoCo's outer Nesterov SGD on the merged update, server/outer.py)", choices=STRATEGIES)
     proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", train=True)
-    server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM server lr / FedOpt eta", minimum=0.0, exclusive_min=True)
-    server_momentum: float = _key("server-momentum", 0.0, "FedAvgM momentum", minimum=0.0)
+    server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM / DiLoCo server (outer) lr, FedOpt eta (DiLoCo's paper: 0.7)", minimum=0.0, exclusive_min=True)
+    server_momentum: float = _key("server-momentum", 0.0, "FedAvgM / DiLoCo momentum (DiLoCo's paper: 0.9)", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the run stops as failed (or, with allow-failed-rounds, the round is skipped)", minimum=1)
     allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)")

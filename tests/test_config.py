@@ -89,7 +89,7 @@ def test_every_strategy_choice_builds_its_flower_strategy():
 
     built = {name: type(make_inner_strategy(RunConfig(strategy=name))).__name__ for name in STRATEGIES}
     assert built == {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
-                     "fedadagrad": "FedAdagrad", "fedprox": "FedProx"}
+                     "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "diloco": "DiLoCo"}
 
 
 def test_choice_sets_are_the_implementing_modules_own():

@@ -69,9 +69,9 @@ def test_resume_continues_at_the_next_round_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm", "diloco"])
 def test_resumed_server_optimizer_run_with_sampling_equals_an_uninterrupted_one(tmp_path, strategy):
-    """FedAdam's moments / FedAvgM's momentum and the `random` state Flower samples nodes with are in the
+    """FedAdam's moments / FedAvgM's and DiLoCo's momentum and the `random` state Flower samples nodes with are in the
     checkpoint: resuming after round 1 gives round 2 bit for bit (half the nodes sampled each round)."""
     opts = {"num-server-rounds": 2, "strategy": strategy, "server-momentum": 0.9, "server-learning-rate": 0.1,
             "fraction-train": 0.5}

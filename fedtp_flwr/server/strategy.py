@@ -39,6 +39,7 @@ from fedtp_flwr.wire import decode, encode, record_nbytes
 
 from .aggregation import Contribution, WeightedFold
 from .memory import PhasePeaks
+from .outer import DiLoCo
 from .pull import discard_replies
 from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
 from .robust import outliers, robust_aggregate_slices, update_rms
@@ -63,6 +64,7 @@ def make_inner_strategy(cfg: RunConfig) -> FedAvg:
         "fedadam": lambda: FedAdam(**common, eta=eta, beta_1=0.9, beta_2=0.99),
         "fedyogi": lambda: FedYogi(**common, eta=eta, beta_1=0.9, beta_2=0.99),
         "fedadagrad": lambda: FedAdagrad(**common, eta=eta),
+        "diloco": lambda: DiLoCo(**common, server_learning_rate=eta, server_momentum=cfg.server_momentum),
     }
     return factories[cfg.strategy]()  # config.STRATEGIES names exactly these (tests/test_config.py)
 
