@@ -1,0 +1,69 @@
+"""bench/adapter_comparison.py: the merged federated LoRA's server step (the weighted mean of the clients'
+products B A added to the base), the code corpus's splits, the summary's shares, and its smoke run end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONTEXT_ARGS, random_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import adapter_comparison as ac  # noqa: E402
+import method_comparison as mc  # noqa: E402
+
+
+def test_products_are_b_times_a_for_every_adapted_linear():
+    model = mc.lora_model(CONTEXT_ARGS, random_model().state_dict(), rank=3, seed=1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    x = torch.randint(0, CONTEXT_ARGS.vocab_size, (2, 8))
+    base = random_model()
+    state = base.state_dict()
+    for name, product in ac._lora_scale_products(mc.adapter_state(model)).items():
+        state[name] = state[name] + product  # lora_alpha = rank: the adapter adds exactly B A
+    base.load_state_dict(state)
+    torch.testing.assert_close(base(x), model(x), rtol=1e-4, atol=1e-4)  # float32 sums in another order
+
+
+def test_held_out_files_alternate_between_validation_and_test(tmp_path):
+    ac._alternate(tmp_path / "v.jsonl", tmp_path / "t.jsonl", ["a", "b", "c", "d", "e"])
+    read = [[json.loads(l)["text"] for l in (tmp_path / f).read_text().splitlines()] for f in ("v.jsonl", "t.jsonl")]
+    assert read == [["a", "c", "e"], ["b", "d"]]
+    chunks = ac._chunks("x = 1\n" * 1000)
+    assert "".join(chunks) == "x = 1\n" * 1000 and all(len(c) <= ac.CHUNK_CHARS + 6 for c in chunks)
+
+
+def test_equal_time_share_reads_the_other_curve_at_the_same_client_seconds():
+    s = {"ctx": {"client_seconds_per_round": 2.0, "rounds": 3, "val_loss_share_per_round": []},
+         "lora": {"client_seconds_per_round": 4.0, "rounds": 3,
+                  "val_loss_share_per_round": [{"mean": 0.5}, {"mean": 0.8}, {"mean": 0.9}]}}
+    s["ctx"]["val_loss_share_per_round"] = [{"mean": 0.1}] * 3
+    assert ac._equal_time_share(s, "lora", "ctx") == pytest.approx(0.65)  # 6 s = 1.5 rounds of lora
+    s["lora"]["client_seconds_per_round"] = 1.0  # 6 rounds: beyond its 3
+    assert ac._equal_time_share(s, "lora", "ctx") is None
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_kind_of_method_and_the_targets(tmp_path):
+    out = tmp_path / "ac.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "adapter_comparison.py"), "--quick", "--corpora", "code",
+                           "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    runs = {r["method"]: r for r in doc["runs"]}
+    assert set(runs) == {"fedavg", "ctx-ad-w2", "lora-merged-w2mem"}
+    for r in runs.values():
+        assert [h[0] for h in r["history"]] == list(range(r["rounds"] + 1))
+        assert set(r["scores_best"]) == {"test", "forget"} and 1 <= r["best_round"] <= r["rounds"]
+    assert runs["ctx-ad-w2"]["rest-adapter-rank"] == 2  # the quick run's rank reached the server's config
+    s = doc["summary"]["code"]
+    assert s["fedavg"]["val_loss_share_at_rounds"]["mean"] == pytest.approx(1.0)
+    assert "forgetting_best_round" in s["ctx-ad-w2"]
+    assert set(doc["targets"]["code"]) >= {"ctx-ad-w2 >= 95% of FedAvg's gain at equal rounds"}
+    assert (tmp_path / "ac.md").read_text().startswith("# Rest adapters vs FedAvg")
