@@ -21,6 +21,7 @@ from fedtp_flwr.wire import WIRE_DTYPES
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
 SLICE_MODES = ("independent", "context")
+UPLOAD_CODECS = ("weights", "int8-delta", "int4-delta")  # client/app.py encodes, server/replies.py checks
 # rest-adapter-rank's auto value (bench/adapter_comparison.py ran rank 16 at 10x the learning rate)
 AUTO_REST_ADAPTER_RANK = 16
 WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split parameter's replies are weighted
@@ -57,6 +58,7 @@ class RunConfig:
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1, resume_may_differ=True)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True, resume_may_differ=True)
     round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
+    upload_codec: str = _key("upload-codec", "weights", "what a client uploads of its slice: the trained weights in wire-dtype, or the update (trained - received) as blockwise absmax int8 / int4 with stochastic rounding, 64 values per float32 scale (about 1/4 / 1/8 of float32), decoded by the server block by block into the same merge", choices=UPLOAD_CODECS)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
@@ -127,6 +129,9 @@ class RunConfig:
                               "updates the weights outside a client's slice, which only the all-clients mean weighs in "
                               f"(got slice-mode {self.slice_mode!r}, merge-weighting {self.merge_weighting!r}, "
                               f"rank-merge {self.rank_merge!r})")
+        if self.upload_codec != "weights" and self.rank_merge != "mean":
+            raise ConfigError(f"config key 'upload-codec': {self.upload_codec!r} needs rank-merge = \"mean\" (the robust "
+                              f"rules read the replies' rows as weights; got rank-merge {self.rank_merge!r})")
         if not self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
                               "[0, 0.5) (the fraction cut from each tail)")
@@ -147,6 +152,11 @@ class RunConfig:
     def resume_may_differ(cls) -> set[str]:
         """Keys a resumed run may change (the rest must equal the checkpoint's)."""
         return {k for k, f in cls.keys().items() if f.metadata["resume_may_differ"]}
+
+    @property
+    def delta_bits(self) -> int | None:
+        """Bits of an uploaded update (upload-codec), or None when the weights travel."""
+        return {"int8-delta": 8, "int4-delta": 4}.get(self.upload_codec)
 
     @property
     def _adapter_fits(self) -> bool:

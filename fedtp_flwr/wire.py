@@ -8,6 +8,7 @@ is set by the run config (`wire-dtype`), known to both sides; the receiver check
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Mapping
 
@@ -98,3 +99,69 @@ def decode(record: ArrayRecord, wire_dtype: str = "float32", dtype: torch.dtype 
 def record_nbytes(record: ArrayRecord) -> int:
     """Bytes of array data the record carries (what dominates the message on the wire)."""
     return sum(len(a.data) for a in record.values())
+
+
+# ------------------------------------------------------------------------------ updates as low-bit deltas
+# upload-codec int8-delta / int4-delta: a client uploads trained - received of every slice tensor, absmax-quantized
+# per DELTA_GROUP values of a row (model/quant.py's layout; a 1-D tensor as one row), with stochastic rounding so
+# that the server's mean of the updates is unbiased. The record holds "<name>:q" and "<name>:scale" per tensor.
+DELTA_GROUP = 64
+
+
+def _as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
+
+
+def encode_delta(trained: Mapping[str, torch.Tensor], received: ArrayRecord, wire_dtype: str, bits: int,
+                 generator: torch.Generator) -> ArrayRecord:
+    """{name: trained tensor} and the record they were received in -> the record of their quantized updates, one
+    tensor at a time (the received tensor is read from the record's bytes, no copy of the slice)."""
+    from fedtp_flwr.model.quant import quantize_rows
+
+    record = ArrayRecord()
+    for name, t in trained.items():
+        old = decode(ArrayRecord({name: received[name]}), wire_dtype, dtype=None, copy=False)[name]
+        delta = t.detach().to("cpu", torch.float32) - old.float()
+        q = quantize_rows(delta.reshape(_as_rows(tuple(delta.shape))), bits, DELTA_GROUP, generator)
+        for part, a in q.to_arrays().items():
+            record[f"{name}:{part}"] = Array(a.numpy())
+    return record
+
+
+def delta_shapes(shapes: Mapping[str, tuple[int, ...]], bits: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Array key -> (shape, numpy dtype) of the delta record of tensors of `shapes`."""
+    from fedtp_flwr.model.quant import layout
+
+    out = {}
+    for name, shape in shapes.items():
+        data_shape, data_dtype, scale_shape = layout(_as_rows(tuple(shape)), bits, DELTA_GROUP)
+        out[f"{name}:q"] = (tuple(data_shape), str(data_dtype).removeprefix("torch."))
+        out[f"{name}:scale"] = (tuple(scale_shape), "float32")
+    return out
+
+
+def decode_delta(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]], bits: int) -> dict:
+    """The delta record -> {name: QTensor of shape _as_rows(shape)}, views of the record's bytes; the layout,
+    dtypes and finite, non-negative scales are checked (quant.QTensor.from_arrays); a missing or extra key is
+    refused."""
+    from fedtp_flwr.model.quant import QTensor
+
+    want = delta_shapes(shapes, bits)
+    if set(record) != set(want):
+        missing, extra = sorted(set(want) - set(record)), sorted(set(record) - set(want))
+        raise ValueError(f"delta arrays differ: missing {missing[:3]}, unexpected {[k[:80] for k in extra[:3]]}")
+    out = {}
+    for name, shape in shapes.items():
+        arrays = {}
+        for part in ("q", "scale"):
+            a = record[f"{name}:{part}"]
+            if a.dtype != want[f"{name}:{part}"][1]:
+                raise ValueError(f"{name}:{part}: dtype {str(a.dtype)[:40]}, expected {want[f'{name}:{part}'][1]}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only view of the bytes
+                arrays[part] = torch.from_numpy(_npy_view(a))
+        try:
+            out[name] = QTensor.from_arrays(arrays, bits, _as_rows(tuple(shape)), DELTA_GROUP)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return out

@@ -219,3 +219,22 @@ def test_two_runs_with_the_same_settings_keep_their_own_files(tmp_path, monkeypa
         assert (folder / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth").is_file()
     results = pickle.loads((tmp_path / "outputs" / "experiment_results_llama32.pkl").read_bytes())
     assert list(results) == [(2, 1e-3, False, 1, 42)]  # one key, merged as before (the later run's history)
+
+
+@pytest.mark.slow
+def test_int4_delta_uploads_train_with_a_seventh_of_the_bytes(tmp_path, caplog):
+    """Three nodes (the outlier check parks the first replies: the updates are parked and read back too), each
+    uploading its update in int4: the run trains, and a reply's slice bytes are 0.5625 / 4 = 0.14 of float32 weights
+    (half a byte per value + a float32 scale per 64 values)."""
+    from fedtp_flwr.wire import record_nbytes
+
+    grid = go(tmp_path, n_nodes=3, **{"num-server-rounds": 1, "upload-codec": "int4-delta", "rest-adapter-rank": 0,
+                                      "min-available-nodes": 3})
+    assert not any(m.has_error() for m in grid.replies) and "round 1: 3 valid replies" in caplog.text
+    for reply, sent in zip(grid.replies, grid.delivered):
+        assert set(reply.content) == {"arrays", "delta", "metrics"} and not reply.content["arrays"]
+        ratio = record_nbytes(reply.content["delta"]) / record_nbytes(sent.content["arrays"])
+        assert 0.14 < ratio < 0.145, ratio
+    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    (_, l0, _), (_, l1, _) = results[(2, 1e-3, False, 1, 42)]
+    assert l1 < l0

@@ -37,10 +37,10 @@ from fedtp_flwr.data import (
     partition_examples,
 )
 from fedtp_flwr.model import ModelArgs, Transformer
-from fedtp_flwr.model.context import build_context_model, rest_from_arrays
+from fedtp_flwr.model.context import adapter_target, build_context_model, rest_from_arrays
 from fedtp_flwr.model.sharding import shard_args
 from fedtp_flwr.training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
-from fedtp_flwr.wire import decode, encode, record_nbytes
+from fedtp_flwr.wire import decode, encode, encode_delta, record_nbytes
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class SliceJob:
     context_group_size: int  # 0: one scale per row
     vocab_parallel: bool
     rest_adapter_rank: int  # context mode: rank of the rest adapters (0: none)
+    upload_codec: str  # "weights", or the update as "int8-delta" / "int4-delta"
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "SliceJob":
@@ -68,7 +69,7 @@ class SliceJob:
                        ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
                        float(config.get("proximal-mu", 0.0)), str(config["slice-mode"]),
                        int(config["context-bits"]), int(config["context-group-size"]), bool(config["vocab-parallel"]),
-                       int(config["rest-adapter-rank"]))
+                       int(config["rest-adapter-rank"]), str(config["upload-codec"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
 
@@ -157,7 +158,7 @@ def node_seed(cfg: RunConfig, node_config: Mapping[str, Any], server_round: int)
     return (cfg.seed * 1_000_003 + pid * 7919 + server_round) % (2**31)
 
 
-def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[ArrayRecord, MetricRecord]:
+def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> dict:
     job = SliceJob.from_config(content["config"])
     device = resolve_device(cfg.device)
     data = local_dataset(cfg, node_config, "train", job.args.vocab_size)
@@ -179,7 +180,19 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
         "num-tokens": m["num_tokens"], "tokens-per-second": m["tokens_per_second"],
         "slice-parameters": sum(t.numel() for t in model.state_dict().values()),  # the slice, never the model
     })
-    return encode(model.state_dict(), job.wire_dtype), metrics
+    return {**upload(model.state_dict(), content["arrays"], job, seed), "metrics": metrics}
+
+
+def upload(state: dict[str, torch.Tensor], received: ArrayRecord, job: SliceJob, seed: int) -> dict[str, ArrayRecord]:
+    """What the reply carries of the trained model: {"arrays": the slice in the wire dtype} (upload-codec
+    "weights"), or {"arrays": the rest adapters' factors (if any), "delta": the slice's update, low-bit}."""
+    bits = {"int8-delta": 8, "int4-delta": 4}.get(job.upload_codec)
+    if bits is None:
+        return {"arrays": encode(state, job.wire_dtype)}
+    adapters = {k: state.pop(k) for k in list(state) if adapter_target(k) is not None}  # deltas already
+    generator = torch.Generator().manual_seed(seed)  # the stochastic rounding: reproducible per node and round
+    return {"arrays": encode(adapters, job.wire_dtype), "delta": encode_delta(state, received, job.wire_dtype, bits,
+                                                                              generator)}
 
 
 def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> MetricRecord:
@@ -224,8 +237,8 @@ def stop_on_sigterm():
 def train_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
     """The ClientApp's train handler: the server's message in, the reply with the trained slice out."""
     with stop_on_sigterm():
-        arrays, metrics = train_slice(msg.content, cfg, node_config)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        records = train_slice(msg.content, cfg, node_config)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:

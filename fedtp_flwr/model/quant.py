@@ -143,8 +143,12 @@ def _grouped(x: torch.Tensor, n_groups: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize(t: torch.Tensor, bits: int, group_size: Optional[int] = None) -> QTensor:
-    """Absmax-quantize a 2-D float tensor (see the module docstring for the layout and the error bound)."""
+def quantize(t: torch.Tensor, bits: int, group_size: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> QTensor:
+    """Absmax-quantize a 2-D float tensor (see the module docstring for the layout and the error bound).
+
+    With `generator`, stochastic rounding: q = floor(x / s + u), u ~ U[0, 1) from the generator, so that the
+    dequantized value is x in expectation (an unbiased update; the bound becomes |error| < s_g)."""
     _check(bits, group_size)
     if t.dim() != 2 or not t.is_floating_point():
         raise ValueError(f"quantize takes a 2-D float tensor, got {t.dtype} {tuple(t.shape)}")
@@ -158,10 +162,27 @@ def quantize(t: torch.Tensor, bits: int, group_size: Optional[int] = None) -> QT
     x = _grouped(t.detach().float(), n_groups, width)  # (rows, n_groups, width)
     scale = x.abs().amax(dim=-1) / qmax  # (rows, n_groups); 0 for an all-zero group
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / divisor[..., None]).clamp_(-qmax, qmax).to(torch.int8)
+    if generator is None:
+        q = torch.round(x / divisor[..., None])
+    else:
+        noise = torch.rand(x.shape, generator=generator, device=x.device)
+        q = torch.floor(x / divisor[..., None] + noise)
+    q = q.clamp_(-qmax, qmax).to(torch.int8)
     q = q.reshape(rows, n_groups * width)[:, :cols]
     data = q.contiguous() if bits == 8 else _pack_int4(q)
     return QTensor(data, scale.contiguous(), bits, (rows, cols), group_size)
+
+
+def quantize_rows(t: torch.Tensor, bits: int, group_size: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None, block_values: int = 2**22) -> QTensor:
+    """`quantize`, a block of rows at a time (rows are quantized independently, so the result is the same
+    layout): the float32 temporaries stay at a block's size, not the tensor's (a 3B embedding is 394M values)."""
+    step = max(1, block_values // max(1, t.shape[1]))
+    if t.shape[0] <= step:
+        return quantize(t, bits, group_size, generator)
+    parts = [quantize(t[i:i + step], bits, group_size, generator) for i in range(0, t.shape[0], step)]
+    scale = None if bits == 16 else torch.cat([p.scale for p in parts])
+    return QTensor(torch.cat([p.data for p in parts]), scale, bits, tuple(t.shape), group_size)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from fedtp_flwr.config import WEIGHTINGS
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_target, rest_positions
+from fedtp_flwr.model.quant import QTensor, dequantize
 from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for, shard
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
@@ -120,13 +121,19 @@ class WeightedFold:
             # float32 ops, so the sums are bit for bit those of whole-tensor ops. A sum's first term has weight
             # w_ref (factor 1): it is written, not added to zeros (the same value; one pass instead of two).
             if rule_for(k, self.vocab_parallel) is REPLICATE:
-                first, alpha, dst = first_replicated, w / self.ref, self.sums[k]
-                pairs = blocks(dst, t)
+                first, alpha, dst, old = first_replicated, w / self.ref, self.sums[k], self.old[k]
+                if isinstance(t, QTensor):  # an uploaded update: the term is old + update
+                    pairs = ((dst[rows], old[rows] + d) for rows, d in delta_rows(t, dst.shape))
+                else:
+                    pairs = blocks(dst, t)
             else:
                 first, alpha = self._write(k, c.rank, w)
-                dst = self._block(self.sums, k, c.rank)
-                if self.weighting == "all-clients":  # the update x - old
-                    pairs = ((d, x.float() - o) for d, x, o in blocks(dst, t, self._block(self.old, k, c.rank)))
+                dst, old = self._block(self.sums, k, c.rank), self._block(self.old, k, c.rank)
+                if isinstance(t, QTensor):
+                    per_rank = self.weighting == "per-rank"
+                    pairs = ((dst[rows], old[rows] + d if per_rank else d) for rows, d in delta_rows(t, dst.shape))
+                elif self.weighting == "all-clients":  # the update x - old
+                    pairs = ((d, x.float() - o) for d, x, o in blocks(dst, t, old))
                 else:
                     pairs = blocks(dst, t)
             for d, x in pairs:
@@ -181,6 +188,18 @@ class WeightedFold:
                 else:
                     dst.div_(self.total / ref).add_(self._block(self.old, k, rank))
         return {k: out[k] for k in self.old}
+
+
+def delta_rows(q: QTensor, shape: torch.Size) -> Iterator[tuple[slice, torch.Tensor]]:
+    """An uploaded update (wire.decode_delta: a QTensor of the tensor's rows) dequantized to float32 a block of at
+    most BLOCK_VALUES values at a time: (row slice of the tensor, those rows of the update, in its shape)."""
+    if len(shape) < 2:
+        yield slice(None), dequantize(q).reshape(shape)
+        return
+    step = max(1, BLOCK_VALUES // max(1, q.shape[1]))
+    for i in range(0, q.shape[0], step):
+        rows = slice(i, min(i + step, q.shape[0]))
+        yield rows, dequantize(q.rows(rows)).reshape(rows.stop - rows.start, *shape[1:])
 
 
 def aggregate_slices(

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedtp_flwr.model.context import adapter_pairs, adapter_update_sq_norm
-from fedtp_flwr.wire import NUMPY_DTYPE, decode
+from fedtp_flwr.wire import NUMPY_DTYPE, decode, decode_delta
 
 from .aggregation import blocks
 
@@ -87,10 +87,15 @@ def _check_metrics(msg: Message, records: tuple[str, ...], weight_key: str, know
 
 
 def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wire_dtype: str,
-                max_num_examples: int) -> CheckedReply:
+                max_num_examples: int, delta: tuple[Mapping[str, tuple[int, ...]], int] | None = None) -> CheckedReply:
     """A training reply -> CheckedReply, or ReplyError. The slice's tensors are read-only views of the
-    reply's bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time."""
-    n, values = _check_metrics(msg, ("arrays", "metrics"), TRAIN_WEIGHT, TRAIN_METRICS, max_num_examples)
+    reply's bytes in the wire dtype (no copy of the slice); aggregation converts one tensor at a time.
+
+    With `delta` = (shapes, bits) (upload-codec int8-delta / int4-delta) the tensors of `shapes` come as their
+    quantized updates in the record "delta": the state holds them as QTensors (views; the fold dequantizes a
+    block of rows at a time), checked for layout, dtypes and finite scales; "arrays" holds the rest."""
+    records = ("arrays", "metrics") if delta is None else ("arrays", "delta", "metrics")
+    n, values = _check_metrics(msg, records, TRAIN_WEIGHT, TRAIN_METRICS, max_num_examples)
     arrays = msg.content["arrays"]
     if not isinstance(arrays, ArrayRecord):
         raise ReplyError("no ArrayRecord 'arrays' in the reply")
@@ -118,6 +123,13 @@ def check_reply(msg: Message, expected_shapes: Mapping[str, tuple[int, ...]], wi
         if not all(bool(torch.isfinite(b).all()) for (b,) in blocks(t)):  # bool temporaries of one block
             bad = sum(int((~torch.isfinite(b)).sum()) for (b,) in blocks(t))
             raise ReplyError(f"{k}: {bad} non-finite value(s) (NaN/Inf)")
+    if delta is not None:
+        if not isinstance(msg.content["delta"], ArrayRecord):
+            raise ReplyError("no ArrayRecord 'delta' in the reply")
+        try:
+            state.update(decode_delta(msg.content["delta"], delta[0], delta[1]))
+        except Exception as e:  # a layout, dtype or scale the run did not ask for, or malformed .npy bytes
+            raise ReplyError(f"the update could not be decoded: {safe_text(e)}") from None
     for name, (a, b) in adapter_pairs(state).items():  # the update the server will form from the factors
         norm = adapter_update_sq_norm(a, b) ** 0.5
         if not norm < FLOAT32_MAX:

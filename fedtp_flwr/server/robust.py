@@ -34,10 +34,11 @@ import fedtp_flwr.server.aggregation as aggregation
 from fedtp_flwr.compat import trim_mean
 from fedtp_flwr.config import ROBUST_RULES
 from fedtp_flwr.model import ModelArgs
+from fedtp_flwr.model.quant import QTensor
 from fedtp_flwr.model.context import adapter_pairs, adapter_target, adapter_update_sq_norm
 from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
 
-from .aggregation import Contribution, blocks, merge_by_plan
+from .aggregation import Contribution, blocks, delta_rows, merge_by_plan
 from .spill import SpilledState
 
 
@@ -56,6 +57,11 @@ def update_rms(global_state: Mapping[str, torch.Tensor], c: Contribution, args: 
         if adapter_target(k) is not None:
             continue
         part = "replicated" if rule_for(k, vocab_parallel) is REPLICATE else "split"
+        if isinstance(new, QTensor):  # an uploaded update, a block of rows at a time
+            for _, d in delta_rows(new, old_slice[k].shape):
+                sums[part] += float(d.double().square().sum())
+            counts[part] += old_slice[k].numel()
+            continue
         for n, o in blocks(new, old_slice[k]):  # float64 temporaries of one block, not of the tensor
             sums[part] += float((n.double() - o.double()).square().sum())
         counts[part] += new.numel()

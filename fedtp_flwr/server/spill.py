@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from fedtp_flwr.model.quant import QTensor
+
 from .aggregation import blocks
 
 
@@ -47,8 +49,11 @@ def _write(f, t: torch.Tensor) -> None:
 class SpilledState(Mapping):
     """A parked reply: name -> tensor, in the original order; every read loads from disk what it asks for."""
 
-    def __init__(self, files: dict[str, tuple[str, torch.dtype, torch.Size]]):
+    def __init__(self, files: dict[str, tuple[str, torch.dtype, torch.Size]],
+                 quantized: dict[str, tuple[str, str, int, tuple[int, int], int | None]] | None = None):
         self._files = files  # name -> (path, dtype, shape)
+        # an uploaded update (a QTensor): name -> (its data's key, its scale's key, bits, shape, group size) in _files
+        self._quantized = quantized or {}
 
     def _read(self, k: str, first: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A fresh tensor of `shape` filled from k's file, starting at its element `first` (f.seek + f.readinto)."""
@@ -68,6 +73,9 @@ class SpilledState(Mapping):
         return out
 
     def __getitem__(self, k: str) -> torch.Tensor:
+        if k in self._quantized:
+            data, scale, bits, shape, group = self._quantized[k]
+            return QTensor(self[data], self[scale], bits, shape, group)
         return self._read(k, 0, tuple(self.shape(k)))
 
     def shape(self, k: str) -> torch.Size:
@@ -83,17 +91,21 @@ class SpilledState(Mapping):
         row = math.prod(shape[1:])
         return self._read(k, start * row, (stop - start, *shape[1:]))
 
+    def _parts(self) -> set[str]:
+        return {part for data, scale, *_ in self._quantized.values() for part in (data, scale)}
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
+        parts = self._parts()
+        return iter([k for k in self._files if k not in parts] + list(self._quantized))
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self._files) - len(self._parts()) + len(self._quantized)
 
     def pop(self, k: str) -> torch.Tensor:
-        """Load k, delete its file and forget it (WeightedFold.add(release=True) drains a reply this way)."""
+        """Load k, delete its file(s) and forget it (WeightedFold.add(release=True) drains a reply this way)."""
         t = self[k]
-        path = self._files.pop(k)[0]
-        os.remove(path)
+        for key in self._quantized.pop(k)[:2] if k in self._quantized else (k,):
+            os.remove(self._files.pop(key)[0])
         return t
 
 
@@ -117,19 +129,24 @@ class SpillDir:
 
     def park(self, state: Mapping[str, torch.Tensor]) -> SpilledState:
         """Write state one raw file per tensor (the caller's tensors are left as they are)."""
-        sub, files = None, {}
+        sub, files, quantized = None, {}, {}
         try:
             sub = tempfile.mkdtemp(prefix="reply-", dir=self.path)
             for i, (k, t) in enumerate(state.items()):
-                path = os.path.join(sub, f"{i}.bin")
-                with open(path, "wb") as f:
-                    _write(f, t.detach())
-                files[k] = (path, t.dtype, t.shape)
+                parts = {k: t}
+                if isinstance(t, QTensor):  # an uploaded update: its data and scales, each a file
+                    parts = {f"\0{k}:q": t.data, f"\0{k}:scale": t.scale}
+                    quantized[k] = (*parts, t.bits, t.shape, t.group_size)
+                for j, (key, part) in enumerate(parts.items()):
+                    path = os.path.join(sub, f"{i}.{j}.bin")
+                    with open(path, "wb") as f:
+                        _write(f, part.detach())
+                    files[key] = (path, part.dtype, part.shape)
         except OSError as e:
             if sub is not None:
                 shutil.rmtree(sub, ignore_errors=True)
             raise _disk_error(sub or self.path, e) from e
-        return SpilledState(files)
+        return SpilledState(files, quantized)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

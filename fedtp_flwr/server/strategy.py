@@ -120,9 +120,13 @@ class FederatedTensorParallel(Strategy):
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
-        self.expected_shapes = {**slice_shapes(args, self.world_size, cfg.vocab_parallel),
-                                **(adapter_shapes(args, self.world_size, cfg.effective_rest_adapter_rank,
-                                                  cfg.vocab_parallel) if cfg.effective_rest_adapter_rank else {})}
+        sliced = slice_shapes(args, self.world_size, cfg.vocab_parallel)
+        adapters = (adapter_shapes(args, self.world_size, cfg.effective_rest_adapter_rank, cfg.vocab_parallel)
+                    if cfg.effective_rest_adapter_rank else {})
+        # What a reply's "arrays" record holds (in the wire dtype), and what comes as a low-bit update instead
+        # (upload-codec): (shapes, bits), or None when the slice travels as weights.
+        self.delta = (sliced, cfg.delta_bits) if cfg.delta_bits else None
+        self.expected_shapes = {**adapters} if self.delta else {**sliced, **adapters}
         self.ranks: dict[int, dict[int, int]] = {}  # server round -> node -> rank
         self.current: ArrayRecord | None = None  # the global model sent out this round
         # The metadata of the last round's training messages (the grid fills in their ids when it sends them):
@@ -183,7 +187,8 @@ class FederatedTensorParallel(Strategy):
                             "model-args": model_args, "wire-dtype": self.cfg.wire_dtype,
                             "slice-mode": self.cfg.slice_mode, "context-bits": self.cfg.context_bits,
                             "context-group-size": self.cfg.context_group_size, "vocab-parallel": self.cfg.vocab_parallel,
-                            "rest-adapter-rank": self.cfg.effective_rest_adapter_rank})
+                            "rest-adapter-rank": self.cfg.effective_rest_adapter_rank,
+                            "upload-codec": self.cfg.upload_codec})
                 batch.append(Message(content=RecordDict({**records, "config": cfg}), dst_node_id=node,
                                      message_type=message_type, ttl=message_ttl(self.cfg.round_timeout)))
             if message_type == MessageType.TRAIN:
@@ -270,14 +275,15 @@ class FederatedTensorParallel(Strategy):
             return
         if self._repeated(rnd.number, node, rnd.seen, "training"):
             return
-        if not msg.has_error() and isinstance(msg.content.get("arrays") if "arrays" in msg.content else None,
-                                              ArrayRecord):
-            rnd.received += record_nbytes(msg.content["arrays"])
+        if not msg.has_error():
+            rnd.received += sum(record_nbytes(msg.content[r]) for r in ("arrays", "delta")
+                                if r in msg.content and isinstance(msg.content[r], ArrayRecord))
         ranks = rnd.ranks
         try:
             if node not in ranks and not msg.has_error():  # an error reply: its reason says more
                 raise ReplyError("this node was not sent a slice in this round")
-            checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples)
+            checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples,
+                                  self.delta)
         except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee: no reply stops the run
             log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", rnd.number, node, ranks.get(node),
                 _why(e))
