@@ -22,6 +22,7 @@ from fedtp_flwr.wire import WIRE_DTYPES
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
 SLICE_MODES = ("independent", "context")
 UPLOAD_CODECS = ("weights", "int8-delta", "int4-delta")  # client/app.py encodes, server/replies.py checks
+DOWNLOAD_CODECS = ("wire", "int8", "int4")  # server/strategy.py encodes, client/app.py decodes
 # rest-adapter-rank's auto value (bench/adapter_comparison.py ran rank 16 at 10x the learning rate)
 AUTO_REST_ADAPTER_RANK = 16
 WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split parameter's replies are weighted
@@ -59,6 +60,7 @@ class RunConfig:
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True, resume_may_differ=True)
     round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
     upload_codec: str = _key("upload-codec", "weights", "what a client uploads of its slice: the trained weights in wire-dtype, or the update (trained - received) as blockwise absmax int8 / int4 with stochastic rounding, 64 values per float32 scale (about 1/4 / 1/8 of float32), decoded by the server block by block into the same merge", choices=UPLOAD_CODECS)
+    download_codec: str = _key("download-codec", "wire", "how the server sends a client its slice: in wire-dtype, or blockwise absmax int8 / int4 (64 values per float32 scale); the client trains from the dequantized slice and uploads its update, which the server adds to its float32 master (needs an upload-codec delta)", choices=DOWNLOAD_CODECS)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
@@ -132,6 +134,10 @@ class RunConfig:
         if self.upload_codec != "weights" and self.rank_merge != "mean":
             raise ConfigError(f"config key 'upload-codec': {self.upload_codec!r} needs rank-merge = \"mean\" (the robust "
                               f"rules read the replies' rows as weights; got rank-merge {self.rank_merge!r})")
+        if self.download_codec != "wire" and self.upload_codec == "weights":
+            raise ConfigError(f"config key 'download-codec': {self.download_codec!r} needs upload-codec = \"int8-delta\" or "
+                              "\"int4-delta\": a client that starts from a low-bit slice must upload its update (the "
+                              "server adds it to its float32 master), not weights the server would average as they are")
         if not self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
                               "[0, 0.5) (the fraction cut from each tail)")
@@ -157,6 +163,11 @@ class RunConfig:
     def delta_bits(self) -> int | None:
         """Bits of an uploaded update (upload-codec), or None when the weights travel."""
         return {"int8-delta": 8, "int4-delta": 4}.get(self.upload_codec)
+
+    @property
+    def download_bits(self) -> int | None:
+        """Bits of the slice a client is sent (download-codec), or None when it travels in wire-dtype."""
+        return {"int8": 8, "int4": 4}.get(self.download_codec)
 
     @property
     def _adapter_fits(self) -> bool:

@@ -112,20 +112,36 @@ def _as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
     return (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
 
 
-def encode_delta(trained: Mapping[str, torch.Tensor], received: ArrayRecord, wire_dtype: str, bits: int,
-                 generator: torch.Generator) -> ArrayRecord:
-    """{name: trained tensor} and the record they were received in -> the record of their quantized updates, one
-    tensor at a time (the received tensor is read from the record's bytes, no copy of the slice)."""
+def encode_quantized(state: Mapping[str, torch.Tensor], bits: int, generator: torch.Generator | None = None,
+                     minus=None) -> ArrayRecord:
+    """{name: tensor} -> the record of its blockwise absmax quantization ("<name>:q", "<name>:scale"), one tensor at
+    a time; with `minus(name)`, of tensor - minus(name) (an update); with `generator`, stochastic rounding."""
     from fedtp_flwr.model.quant import quantize_rows
 
     record = ArrayRecord()
-    for name, t in trained.items():
-        old = decode(ArrayRecord({name: received[name]}), wire_dtype, dtype=None, copy=False)[name]
-        delta = t.detach().to("cpu", torch.float32) - old.float()
-        q = quantize_rows(delta.reshape(_as_rows(tuple(delta.shape))), bits, DELTA_GROUP, generator)
+    for name, t in state.items():
+        x = t.detach().to("cpu", torch.float32)
+        if minus is not None:
+            x = x - minus(name).float()
+        q = quantize_rows(x.reshape(_as_rows(tuple(x.shape))), bits, DELTA_GROUP, generator)
         for part, a in q.to_arrays().items():
             record[f"{name}:{part}"] = Array(a.numpy())
     return record
+
+
+def encode_delta(trained: Mapping[str, torch.Tensor], received, bits: int,
+                 generator: torch.Generator) -> ArrayRecord:
+    """{name: trained tensor} and received(name) -> the tensor it started from -> the record of their quantized
+    updates, one tensor at a time (stochastic rounding: the server's mean of the updates is unbiased)."""
+    return encode_quantized(trained, bits, generator, minus=received)
+
+
+def dequantized(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]], bits: int,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A quantized record (encode_quantized) -> {name: tensor of its shape in `dtype`}, checked (decode_delta)."""
+    from fedtp_flwr.model.quant import dequantize
+
+    return {k: dequantize(q, dtype).reshape(shapes[k]) for k, q in decode_delta(record, shapes, bits).items()}
 
 
 def delta_shapes(shapes: Mapping[str, tuple[int, ...]], bits: int) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -193,6 +193,15 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     assert p1 < p0
 
 
+def n_slice(msg) -> int:
+    """Values of the slice a message carries (from the server's config: the shapes its rank has)."""
+    from fedtp_flwr.client.app import SliceJob
+    from fedtp_flwr.model.sharding import slice_shapes
+
+    job = SliceJob.from_config(msg.content["config"])
+    return sum(math.prod(s) for s in slice_shapes(job.args, job.world_size, job.vocab_parallel).values())
+
+
 def test_output_folders_by_run_id_and_by_resumed_checkpoint(tmp_path, monkeypatch):
     from fedtp_flwr.config import RunConfig
     from fedtp_flwr.server.app import resolve_output_dirs
@@ -222,18 +231,19 @@ def test_two_runs_with_the_same_settings_keep_their_own_files(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_int4_delta_uploads_train_with_a_seventh_of_the_bytes(tmp_path, caplog):
+@pytest.mark.parametrize("download", ["wire", "int8"])
+def test_int4_delta_uploads_train_with_a_seventh_of_the_bytes(tmp_path, caplog, download):
     """Three nodes (the outlier check parks the first replies: the updates are parked and read back too), each
     uploading its update in int4: the run trains, and a reply's slice bytes are 0.5625 / 4 = 0.14 of float32 weights
     (half a byte per value + a float32 scale per 64 values)."""
     from fedtp_flwr.wire import record_nbytes
 
     grid = go(tmp_path, n_nodes=3, **{"num-server-rounds": 1, "upload-codec": "int4-delta", "rest-adapter-rank": 0,
-                                      "min-available-nodes": 3})
+                                      "min-available-nodes": 3, "download-codec": download})
     assert not any(m.has_error() for m in grid.replies) and "round 1: 3 valid replies" in caplog.text
     for reply, sent in zip(grid.replies, grid.delivered):
         assert set(reply.content) == {"arrays", "delta", "metrics"} and not reply.content["arrays"]
-        ratio = record_nbytes(reply.content["delta"]) / record_nbytes(sent.content["arrays"])
+        ratio = record_nbytes(reply.content["delta"]) / (4 * n_slice(sent))  # against float32 weights
         assert 0.14 < ratio < 0.145, ratio
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
     (_, l0, _), (_, l1, _) = results[(2, 1e-3, False, 1, 42)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CONTEXT_ARGS as ARGS
 from conftest import random_model
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtp_flwr.model.quant import dequantize, quantize
 from fedtp_flwr.model.sharding import shard, slice_shapes
@@ -25,9 +25,9 @@ def trained(state, rank, seed):
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in shard(state, ARGS, rank, W).items()}
 
 
-def deltas(state, rank, new, bits, wire="float32", seed=0):
-    sent = encode(shard(state, ARGS, rank, W), wire)
-    record = encode_delta(new, sent, wire, bits, torch.Generator().manual_seed(seed))
+def deltas(state, rank, new, bits, seed=0):
+    sent = shard(state, ARGS, rank, W)
+    record = encode_delta(new, lambda name: sent[name], bits, torch.Generator().manual_seed(seed))
     return record, decode_delta(record, slice_shapes(ARGS, W), bits)
 
 
@@ -106,3 +106,47 @@ def test_a_valid_update_passes_and_bad_ones_are_refused_with_the_reason(server_i
                            dst_node_id=0, message_type=MessageType.TRAIN)
     with pytest.raises(ReplyError, match=r"expected exactly \['arrays', 'delta', 'metrics'\]"):
         check_reply(weights_only, {}, "float32", 10**6, expect)
+
+
+# ------------------------------------------------------------------------------------------- download-codec
+
+
+def test_a_low_bit_download_needs_an_update_upload():
+    from fedtp_flwr.config import ConfigError, RunConfig
+
+    RunConfig(download_codec="int8", upload_codec="int4-delta")
+    with pytest.raises(ConfigError, match="download-codec.*needs upload-codec"):
+        RunConfig(download_codec="int8")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_client_starts_from_the_dequantized_slice_and_its_update_is_relative_to_it(server_identity, bits):
+    """The server sends the slice quantized; the client's model holds its dequantization, and the update it uploads
+    is trained - that start, so the server's float32 master plus the update is what the client ended with (up to
+    the update's own rounding)."""
+    from fedtp_flwr.client.app import SliceJob, build_slice_model, upload
+    from fedtp_flwr.config import RunConfig
+    from fedtp_flwr.server.strategy import FederatedTensorParallel
+
+    codec = {8: "int8", 4: "int4"}[bits]
+    cfg = RunConfig(world_size=W, download_codec=codec, upload_codec="int8-delta", min_available_nodes=1)
+    s = FederatedTensorParallel(ARGS, cfg)
+    state = random_model().state_dict()
+    (msg,) = [m for batch in s._message_batches(1, encode(state), ConfigRecord(), [7], MessageType.TRAIN)
+              for m in batch]
+    job = SliceJob.from_config(msg.content["config"])
+    model = build_slice_model(job, msg.content, torch.device("cpu"))
+    sent = shard(state, ARGS, 0, W)
+    for k, t in model.state_dict().items():
+        err = (t - sent[k]).abs().max() / sent[k].abs().max().clamp_min(1e-12)
+        assert 0 < err <= 1 / {8: 127, 4: 7}[bits], (k, err)  # quantized: near the master, not equal
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    trained = model.state_dict()
+    records = upload(dict(trained), msg.content["arrays"], job, seed=0)
+    update = decode_delta(records["delta"], slice_shapes(ARGS, W), 8)
+    start = {k: v for k, v in model.state_dict().items()}
+    for k, q in update.items():
+        torch.testing.assert_close(dequantize(q).reshape(start[k].shape), torch.full_like(start[k], 0.01),
+                                   atol=0.01 / 100, rtol=0)  # the update is the 0.01 step, not the quantization error

@@ -38,9 +38,9 @@ from fedtp_flwr.data import (
 )
 from fedtp_flwr.model import ModelArgs, Transformer
 from fedtp_flwr.model.context import adapter_target, build_context_model, rest_from_arrays
-from fedtp_flwr.model.sharding import shard_args
+from fedtp_flwr.model.sharding import shard_args, slice_shapes
 from fedtp_flwr.training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
-from fedtp_flwr.wire import decode, encode, encode_delta, record_nbytes
+from fedtp_flwr.wire import decode, dequantized, encode, encode_delta, record_nbytes
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class SliceJob:
     vocab_parallel: bool
     rest_adapter_rank: int  # context mode: rank of the rest adapters (0: none)
     upload_codec: str  # "weights", or the update as "int8-delta" / "int4-delta"
+    download_codec: str  # "wire": the slice came in wire_dtype; "int8" / "int4": quantized
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "SliceJob":
@@ -69,7 +70,7 @@ class SliceJob:
                        ModelArgs.from_params(json.loads(str(config["model-args"]))), str(config["wire-dtype"]),
                        float(config.get("proximal-mu", 0.0)), str(config["slice-mode"]),
                        int(config["context-bits"]), int(config["context-group-size"]), bool(config["vocab-parallel"]),
-                       int(config["rest-adapter-rank"]), str(config["upload-codec"]))
+                       int(config["rest-adapter-rank"]), str(config["upload-codec"]), str(config["download-codec"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
 
@@ -80,7 +81,7 @@ def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
     Context mode: the full-width model, its slice and replicated parameters trainable (in `dtype`), the rest
     of the split layers frozen in low-bit form, plus rest adapters (initialised from `seed`) when the server
     asks for them. Either way state_dict() is exactly what the reply carries: the slice (and the adapters)."""
-    slice_state = decode(content["arrays"], job.wire_dtype, dtype=dtype)
+    slice_state = received_slice(job, content["arrays"], dtype)
     if job.slice_mode == "context":
         if "context" not in content:
             raise ValueError("context mode, but the server's message has no 'context' record")
@@ -165,10 +166,12 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     seed = node_seed(cfg, node_config, job.server_round)
     model = build_slice_model(job, content, device, param_dtype(cfg), seed)
     received = content["arrays"]  # what this node was sent: its slice (it has just loaded into the sub-model)
-    n_received = sum(math.prod(a.shape) for a in received.values())
+    shapes = slice_shapes(job.args, job.world_size, job.vocab_parallel)
+    n_received = sum(math.prod(s) for s in shapes.values())
     log(INFO, "round %d: received the rank %d/%d slice: %d parameters in %d arrays (%.1f MB %s); training on %s, "
-        "%d local examples", job.server_round, job.rank, job.world_size, n_received, len(received),
-        record_nbytes(received) / 1e6, job.wire_dtype, device, data.n_examples)
+        "%d local examples", job.server_round, job.rank, job.world_size, n_received, len(shapes),
+        record_nbytes(received) / 1e6, job.wire_dtype if job.download_codec == "wire" else job.download_codec, device,
+        data.n_examples)
     if data.n_truncated:
         log(WARNING, "%d of %d local examples are longer than max-seq-len=%d tokens and were cut to it",
             data.n_truncated, data.n_examples, cfg.max_seq_len)
@@ -183,6 +186,18 @@ def train_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, A
     return {**upload(model.state_dict(), content["arrays"], job, seed), "metrics": metrics}
 
 
+def received_slice(job: SliceJob, arrays: ArrayRecord, dtype: torch.dtype | None = torch.float32,
+                   names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The slice the server sent (all of it, or `names`): in wire-dtype, or dequantized (download-codec)."""
+    if names is not None:
+        arrays = ArrayRecord({k: a for k, a in arrays.items() if k.rpartition(":")[0] in names or k in names})
+    bits = {"int8": 8, "int4": 4}.get(job.download_codec)
+    if bits is None:
+        return decode(arrays, job.wire_dtype, dtype=dtype, copy=dtype is not None)
+    shapes = slice_shapes(job.args, job.world_size, job.vocab_parallel)
+    return dequantized(arrays, {k: shapes[k] for k in (names or shapes)}, bits, dtype or torch.float32)
+
+
 def upload(state: dict[str, torch.Tensor], received: ArrayRecord, job: SliceJob, seed: int) -> dict[str, ArrayRecord]:
     """What the reply carries of the trained model: {"arrays": the slice in the wire dtype} (upload-codec
     "weights"), or {"arrays": the rest adapters' factors (if any), "delta": the slice's update, low-bit}."""
@@ -191,8 +206,10 @@ def upload(state: dict[str, torch.Tensor], received: ArrayRecord, job: SliceJob,
         return {"arrays": encode(state, job.wire_dtype)}
     adapters = {k: state.pop(k) for k in list(state) if adapter_target(k) is not None}  # deltas already
     generator = torch.Generator().manual_seed(seed)  # the stochastic rounding: reproducible per node and round
-    return {"arrays": encode(adapters, job.wire_dtype), "delta": encode_delta(state, received, job.wire_dtype, bits,
-                                                                              generator)}
+    def start(name):  # what this tensor was at the start: one tensor read from the received record at a time
+        return received_slice(job, received, None, [name])[name]
+
+    return {"arrays": encode(adapters, job.wire_dtype), "delta": encode_delta(state, start, bits, generator)}
 
 
 def evaluate_slice(content: RecordDict, cfg: RunConfig, node_config: Mapping[str, Any]) -> MetricRecord:

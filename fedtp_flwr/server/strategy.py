@@ -35,7 +35,7 @@ from fedtp_flwr.config import RunConfig
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_shapes, context_rest, quantize_rest, rest_to_arrays
 from fedtp_flwr.model.sharding import shard, slice_shapes
-from fedtp_flwr.wire import decode, encode, record_nbytes
+from fedtp_flwr.wire import decode, encode, encode_quantized, record_nbytes
 
 from .aggregation import Contribution, WeightedFold
 from .memory import PhasePeaks
@@ -149,7 +149,9 @@ class FederatedTensorParallel(Strategy):
         low-bit form ("context"). Nodes sharing a rank share the records (Flower sends each node a copy)."""
         state = decode(arrays, "float32", dtype=None, copy=False)  # read-only views, no copy of the model
         vocab = self.cfg.vocab_parallel
-        records = {"arrays": encode(shard(state, self.args, rank, self.world_size, vocab), self.cfg.wire_dtype)}
+        sliced = shard(state, self.args, rank, self.world_size, vocab)
+        bits = self.cfg.download_bits
+        records = {"arrays": encode(sliced, self.cfg.wire_dtype) if bits is None else encode_quantized(sliced, bits)}
         if self.cfg.slice_mode == "context":
             rest = quantize_rest(context_rest(state, self.args, rank, self.world_size, vocab), self.cfg.context_bits,
                                  self.cfg.context_group_size or None)
@@ -188,7 +190,7 @@ class FederatedTensorParallel(Strategy):
                             "slice-mode": self.cfg.slice_mode, "context-bits": self.cfg.context_bits,
                             "context-group-size": self.cfg.context_group_size, "vocab-parallel": self.cfg.vocab_parallel,
                             "rest-adapter-rank": self.cfg.effective_rest_adapter_rank,
-                            "upload-codec": self.cfg.upload_codec})
+                            "upload-codec": self.cfg.upload_codec, "download-codec": self.cfg.download_codec})
                 batch.append(Message(content=RecordDict({**records, "config": cfg}), dst_node_id=node,
                                      message_type=message_type, ttl=message_ttl(self.cfg.round_timeout)))
             if message_type == MessageType.TRAIN:
@@ -198,7 +200,8 @@ class FederatedTensorParallel(Strategy):
             del batch
         # Logged once every rank's messages are built (the last is being sent): the MB are those of the records.
         log(INFO, "round %d: node -> rank %s; sending %.1f MB (%s slices%s)", server_round,
-            {n: ranks[n] for n in node_ids}, sent / 1e6, self.cfg.wire_dtype,
+            {n: ranks[n] for n in node_ids}, sent / 1e6,
+            self.cfg.wire_dtype if self.cfg.download_codec == "wire" else self.cfg.download_codec,
             (f" + {self.cfg.context_bits}-bit context" if self.cfg.slice_mode == "context" else "")
             + (f", rank-{self.cfg.effective_rest_adapter_rank} rest adapters" if self.cfg.effective_rest_adapter_rank
                else ""))
