@@ -17,6 +17,7 @@ Methods (server ones through the real server.run over the in-process grid):
   fedavg                    world size 1: every client trains the whole model
   ctx-w2                    context slices, int4 frozen rest, all-clients merge (code corpus only)
   ctx-ad-w2, ctx-ad-w4      the same with rank --adapter-rank rest adapters (rest-adapter-rank)
+  ctx-ad-w2-up4[-down8|-down4]  ctx-ad-w2 with its update uploaded in int4 (and its slice downloaded in int8 / int4)
   lora-w2mem, lora-w4mem    federated LoRA (peft, every linear of every block, lora_alpha = rank): Flower's FedAvg
                             of the factors A and B
   lora-merged-w2mem/w4mem   federated LoRA that merges the clients' weighted mean *product* B A into the float32
@@ -69,6 +70,10 @@ SERVER_METHODS = {
     "fedavg": {"world-size": 1},
     "ctx-w2": {"world-size": 2, **_CTX},
     "ctx-ad-w2": {"world-size": 2, **_CTX}, "ctx-ad-w4": {"world-size": 4, **_CTX},  # + the adapter keys (main)
+    # what compressing the traffic costs in learning (issue 23): the update up in int4, the slice down in int8 / int4
+    "ctx-ad-w2-up4": {"world-size": 2, **_CTX, "upload-codec": "int4-delta"},
+    "ctx-ad-w2-up4-down8": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int8"},
+    "ctx-ad-w2-up4-down4": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int4"},
 }
 LORA_METHODS = {"lora-w2mem": "ctx-ad-w2", "lora-merged-w2mem": "ctx-ad-w2",
                 "lora-w4mem": "ctx-ad-w4", "lora-merged-w4mem": "ctx-ad-w4"}  # method -> memory matched to

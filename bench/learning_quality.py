@@ -207,7 +207,8 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
     (history,) = results.values()
     down = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
             for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]
-    up = [record_nbytes(m.content["arrays"]) for m in grid.replies if not m.has_error()]
+    up = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
+          for m in grid.replies if not m.has_error()]
     errors = [m.error.reason for m in grid.replies if m.has_error()]
     if errors:
         raise RuntimeError(f"{name}: client errors: {errors[:3]}")
