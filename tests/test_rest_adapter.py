@@ -251,3 +251,15 @@ def test_the_key_is_refused_outside_context_mode_with_all_clients_mean():
                 {"slice_mode": "context", "rank_merge": "median"}):
         with pytest.raises(ConfigError, match="rest-adapter-rank"):
             RunConfig(rest_adapter_rank=4, **bad)
+
+
+def test_at_3b_the_adapters_are_under_one_percent_of_the_slice():
+    """What the README says of the upload: rank-16 factors at W=2 are 17.0M values beside a 1.80B slice."""
+    import math
+
+    from fedtp_flwr.model import preset_args
+
+    args = preset_args("llama3.2-3b")
+    factors = sum(math.prod(s) for s in adapter_shapes(args, 2, 16).values())
+    assert factors == 16_973_824
+    assert factors / sum(math.prod(s) for s in slice_shapes(args, 2, vocab_parallel=True).values()) < 0.01

@@ -1,0 +1,22 @@
+"""The README's learning-quality figures cannot drift from what the benchmark wrote: its "Against the
+alternatives" tables are bench/results/adapter_comparison.md's, line for line, and every target line of that file
+is quoted as written."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tables(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_readme_quotes_the_adapter_comparison_tables_and_targets_as_written():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    results = (ROOT / "bench" / "results" / "adapter_comparison.md").read_text(encoding="utf-8")
+    lines = _tables(results)
+    assert len(lines) >= 10  # the three corpora's tables
+    missing = [line for line in lines if line not in readme.splitlines()]
+    assert missing == []
+    targets = [line for line in results.splitlines() if line.startswith("- ") and ": " in line]
+    assert targets and [t for t in targets if t not in readme.splitlines()] == []
