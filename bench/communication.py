@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import _common
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import remove_content_from_message
 from flwr.common.serde import message_to_proto
 from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=no-name-in-module
@@ -122,6 +122,19 @@ def shape_class_stats(shape: tuple[int, ...], wire_dtype: str) -> dict[str, int]
     array = encode({"x": t}, wire_dtype)["x"]
     del t
     return array_stats(array)
+
+
+@lru_cache(maxsize=None)
+def raw_class_stats(shape: tuple[int, ...], numpy_dtype: str) -> dict[str, int]:
+    """array_stats of a real Array of this shape and numpy dtype (random values / bytes), as Flower deflates it."""
+    import numpy as np
+
+    g = np.random.default_rng(hash((shape, numpy_dtype)) % 2**31)
+    if numpy_dtype.startswith(("int", "uint")):
+        data = g.integers(0, 128, size=shape, dtype=np.dtype(numpy_dtype))
+    else:
+        data = g.standard_normal(size=shape).astype(np.dtype(numpy_dtype))
+    return array_stats(Array(data))
 
 
 def _add(a: dict, b: dict, sign: int = 1) -> dict:
@@ -235,6 +248,75 @@ def _numel(shape) -> int:
 # ----------------------------------------------------------------------------------------- main
 
 
+# ------------------------------------------------------------------------ the 3B recipes with codecs
+
+
+def recipe_arrays(args: ModelArgs, cfg: RunConfig) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """{"down": {array: (shape, numpy dtype)}, "up": {...}}: every Array of one client's round, as the strategy
+    and the client build them for these settings (slice in the wire dtype or the download codec's layout, the
+    frozen rest in context mode, the update or the weights, the rest adapters' factors)."""
+    from fedtp_flwr.model.context import adapter_shapes, rest_shapes
+    from fedtp_flwr.model.quant import layout
+    from fedtp_flwr.wire import NUMPY_DTYPE, delta_shapes
+
+    W, vp = cfg.world_size, cfg.vocab_parallel
+    sliced = slice_shapes(args, W, vp)
+    wire = NUMPY_DTYPE[cfg.wire_dtype]
+    # keys: "<record>/<array>" (the slice's and the rest's arrays share parameter names)
+    down = {f"arrays/{k}": v for k, v in ({k: (tuple(s), wire) for k, s in sliced.items()} if cfg.download_bits is None
+                                          else delta_shapes(sliced, cfg.download_bits)).items()}
+    if cfg.slice_mode == "context" and W > 1:
+        for name, shape in rest_shapes(args, W, vp).items():
+            data_shape, data_dtype, scale_shape = layout(shape, cfg.context_bits, cfg.context_group_size or None)
+            down[f"context/{name}:q"] = (tuple(data_shape), str(data_dtype).removeprefix("torch."))
+            if scale_shape is not None:
+                down[f"context/{name}:scale"] = (tuple(scale_shape), "float32")
+    rank = cfg.effective_rest_adapter_rank
+    adapters = {f"arrays/{k}": (tuple(s), wire)
+                for k, s in (adapter_shapes(args, W, rank, vp) if rank and W > 1 else {}).items()}
+    update = ({k: (tuple(s), wire) for k, s in sliced.items()} if cfg.delta_bits is None
+              else delta_shapes(sliced, cfg.delta_bits))
+    record = "arrays" if cfg.delta_bits is None else "delta"
+    return {"down": down, "up": {**adapters, **{f"{record}/{k}": v for k, v in update.items()}}}
+
+
+def recipe_round(args: ModelArgs, cfg: RunConfig) -> dict:
+    """Bytes of one client's round by shape classes: each distinct (shape, dtype) Array serialized once by Flower,
+    times how often it occurs (objects + framing of the arrays; a message's envelope adds a few kB, section 1)."""
+    out = {}
+    for direction, arrays in recipe_arrays(args, cfg).items():
+        total = {}
+        for shape, dtype in arrays.values():
+            total = _add(total, raw_class_stats(shape, dtype))
+        out[direction] = total["objects"] + total["framing"]
+    out["total"] = out["down"] + out["up"]
+    return out
+
+
+def recipe_rows(world_sizes) -> tuple[list[dict], dict[str, float]]:
+    """The 3B small-GPU recipes (configs/), as they are and with each codec option, per W."""
+    import tomllib
+
+    args = _common.model_args("llama3.2-3b")
+    variants = {"recipe": {}, "up int4-delta": {"upload-codec": "int4-delta"},
+                "up int4-delta, down int8": {"upload-codec": "int4-delta", "download-codec": "int8"},
+                "up int4-delta, down int4": {"upload-codec": "int4-delta", "download-codec": "int4"}}
+    rows, recipe_gb = [], {}
+    for w in world_sizes:
+        path = _common.REPO_ROOT / "configs" / f"llama32-3b-small-gpu-w{w}.toml"
+        if not path.exists():
+            continue
+        recipe = tomllib.loads(path.read_text())
+        for name, extra in variants.items():
+            cfg = RunConfig.from_run_config({**recipe, **extra})
+            r = recipe_round(args, cfg)
+            rows.append({"world_size": w, "variant": name, "upload_codec": cfg.upload_codec,
+                         "download_codec": cfg.download_codec, **r})
+            if name == "recipe":
+                recipe_gb[str(w)] = r["total"] / 1e9
+    return rows, recipe_gb
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llama3.2-3b,llama3.2-1b", help="presets counted by shape classes")
@@ -244,10 +326,12 @@ def main(argv=None) -> dict:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="also serialize a 3B W=2 bfloat16 slice tensor by tensor (~4.4 GB through Flower, ~1 min)")
     p.add_argument("--quick", action="store_true", help="the tiny bench model only: the dry run of the tests")
+    p.add_argument("--recipes", action=argparse.BooleanOptionalAction, default=True,
+                   help="the 3B small-GPU recipes' bytes per round with each codec (~1 min)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/communication.json)")
     a = p.parse_args(argv)
     if a.quick:
-        a.models, a.check_models, a.stream = "bench-tiny", "bench-tiny", False
+        a.models, a.check_models, a.stream, a.recipes = "bench-tiny", "bench-tiny", False, False
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategy logs every message it builds
     _set_identity()
     world_sizes = [int(w) for w in a.world_sizes.split(",")]
@@ -332,6 +416,15 @@ def main(argv=None) -> dict:
               f"shape-class count of the same arrays: {by_class['objects'] + by_class['framing']:,} B "
               f"({'identical' if stream['equal'] else 'DIFFERENT'})")
 
+    # 4. The 3B small-GPU recipes, down + up per client per round, with the codecs.
+    recipes, recipe_gb = recipe_rows([2, 4, 8]) if a.recipes else ([], {})
+    if recipes:
+        _common.table(["W", "variant", "down GB", "up GB", "total GB", "at 100 Mbit/s"],
+                      [[r["world_size"], r["variant"], f"{r['down'] / 1e9:.2f}", f"{r['up'] / 1e9:.2f}",
+                        f"{r['total'] / 1e9:.2f}", f"{r['total'] * 8 / 100e6 / 60:.1f} min"] for r in recipes],
+                      title="Llama 3.2 3B small-GPU recipes (configs/llama32-3b-small-gpu-w*.toml): bytes per client "
+                            "per round, serialized by Flower (shape classes), with each codec option")
+
     worst = max([c["wire_over_analytic"] for c in checks] + [max(r["down_over_analytic"], r["up_over_analytic"])
                                                               for r in rows])
     summary = {"max_wire_over_analytic": worst, "aim": "serialized bytes within 1% of the analytic slice size",
@@ -341,7 +434,7 @@ def main(argv=None) -> dict:
     print(f"\nworst wire/analytic ratio: {worst:.6f} (aim <= 1.01: {'met' if summary['aim_met'] else 'MISSED'}); "
           f"shape-class count vs whole messages: max |difference| {summary['max_abs_shape_class_minus_full']} B")
     result = {"method": __doc__.split("\n\n")[1:4], "checks": checks, "rows": rows, "stream": stream,
-              "summary": summary}
+              "summary": summary, "recipes": recipes, "3b_recipe_round_gb": recipe_gb}
     _common.write_results("communication", result, a.out)
     return result
 
