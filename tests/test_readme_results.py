@@ -20,3 +20,15 @@ def test_readme_quotes_the_adapter_comparison_tables_and_targets_as_written():
     assert missing == []
     targets = [line for line in results.splitlines() if line.startswith("- ") and ": " in line]
     assert targets and [t for t in targets if t not in readme.splitlines()] == []
+
+
+def test_readme_bytes_per_round_table_is_communication_json():
+    import json
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    doc = json.loads((ROOT / "bench" / "results" / "communication.json").read_text(encoding="utf-8"))
+    rows = {}
+    for r in doc["recipes"]:
+        rows.setdefault(r["world_size"], []).append(f"{r['total'] / 1e9:.2f} GB ({r['total'] * 8 / 100e6 / 60:.1f} min)")
+    for w, cells in rows.items():
+        assert f"| {w} | " + " | ".join(cells) + " |" in readme, w

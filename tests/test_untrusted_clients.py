@@ -365,14 +365,14 @@ def test_tokenizer_file_errors_never_echo_the_files_content(tmp_path):
 
 
 def test_a_reply_that_breaks_an_unforeseen_check_is_dropped_not_fatal(server_identity, caplog, monkeypatch):
-    import fedtp_flwr.server.strategy as strategy_module
+    import fedtp_flwr.server.round as round_module
 
     s, _, msgs = strategy_and_messages([1, 2])
 
     def explode(*args, **kwargs):
         raise KeyError("\x1bsomething nobody foresaw")
 
-    monkeypatch.setattr(strategy_module, "check_reply", explode)
+    monkeypatch.setattr(round_module, "check_reply", explode)
     reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msgs[0])
     assert s.aggregate_train(1, [reply]) == (None, None)
     assert "dropping reply from node 1 (rank 0): the reply could not be checked (KeyError" in caplog.text

@@ -18,7 +18,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -37,13 +36,11 @@ from fedtp_flwr.model.context import adapter_shapes, context_rest, quantize_rest
 from fedtp_flwr.model.sharding import shard, slice_shapes
 from fedtp_flwr.wire import decode, encode, encode_quantized, record_nbytes
 
-from .aggregation import Contribution, WeightedFold
 from .memory import PhasePeaks
 from .outer import DiLoCo
 from .pull import discard_replies
-from .replies import ReplyError, check_eval_reply, check_reply, reduce_metrics, safe_text
-from .robust import outliers, robust_aggregate_slices, update_rms
-from .spill import SpillDir, SpilledState
+from .replies import ReplyError, check_eval_reply, reduce_metrics, safe_text
+from .round import TrainRound, repeated, why_dropped
 from .streaming import receive
 
 
@@ -74,11 +71,6 @@ def _as_float32(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
 
 
-def _why(e: Exception) -> str:
-    """A dropped reply's reason for the log (ReplyError texts already escape what the client sent)."""
-    return str(e) if isinstance(e, ReplyError) else f"the reply could not be checked ({type(e).__name__}: {safe_text(e)})"
-
-
 def message_ttl(round_timeout: float) -> float:
     """A message must outlive the wait for its reply: at least round-timeout, plus a margin for sending the
     round's messages before the wait starts; never less than Flower's default (12 hours)."""
@@ -91,28 +83,6 @@ def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
     share a rank are averaged). With swapping, every rank moves by +1 every `swap_period` rounds."""
     shift = (server_round - 1) // swap_period if enable_swapping else 0
     return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids))}
-
-
-@dataclass
-class _Round:
-    """One round's training replies as they arrive. A checked reply is folded into `fold` and released;
-    kept only while it waits for the outlier median (`waiting`: at most two, the round's first replies), or
-    with a robust rank-merge (`held`: every valid reply, since a median needs a rank group at once). A kept
-    reply is parked on disk (`spill`, spill.py) and read back a tensor at a time, so it holds no memory."""
-    number: int
-    ranks: dict[int, int]
-    old: dict  # the global model this round's slices were cut from (read-only views)
-    fold: WeightedFold | None  # the weighted mean; None with a robust rank-merge
-    judge: bool  # the outlier check applies (outlier-norm-factor > 0 and >= 3 nodes were sent slices)
-    sent_ids: set | None = None  # ids of this round's messages, read at the first reply (the grid gives ids when
-    # it pushes, after the round opened); empty: ids unknown, as from a test double
-    seen: set = field(default_factory=set)  # nodes that replied (valid or not)
-    accepted: list = field(default_factory=list)  # (node, rank, weight, metrics) of each reply merged
-    waiting: list = field(default_factory=list)  # (node, Contribution, metrics, index in norms)
-    held: list = field(default_factory=list)  # Contributions for a robust rule
-    norms: list = field(default_factory=list)  # update RMS of each checked reply, in arrival order
-    received: int = 0  # array bytes received
-    spill: SpillDir | None = None  # where kept replies are parked (made at the first one, removed at the close)
 
 
 class FederatedTensorParallel(Strategy):
@@ -238,150 +208,38 @@ class FederatedTensorParallel(Strategy):
             node = sent_to.get(msg.metadata.reply_to_message_id, node)
         return node
 
-    @staticmethod
-    def _repeated(server_round: int, node: int, seen: set, kind: str) -> bool:
-        """True (and the reply is named as dropped) if `node` already replied in this round; else it is noted."""
-        if node in seen:
-            log(WARNING, "round %d: dropping %s reply from node %d: a second reply from this node in this "
-                "round (only the first counts)", server_round, kind, node)
-            return True
-        seen.add(node)
-        return False
-
     def _first_replies(self, server_round: int, replies: Iterable[Message], kind: str) -> list[tuple[int, Message]]:
         """(node, reply) for the first reply of each node; later ones are dropped and named."""
         out, seen = [], set()
         for msg in replies:
             node = self._reply_node(server_round, msg)
-            if not self._repeated(server_round, node, seen, kind):
+            if not repeated(server_round, node, seen, kind):
                 out.append((node, msg))
         return out
 
-    def _open_round(self, server_round: int) -> _Round:
+    def _open_round(self, server_round: int) -> TrainRound:
         global_state = decode(self.current, "float32", dtype=None, copy=False) if self.current is not None else {}
-        fold = None
-        if self.cfg.rank_merge == "mean":
-            fold = WeightedFold(global_state, self.args, self.world_size, self.cfg.effective_merge_weighting,
-                                self.cfg.vocab_parallel)
-        ranks = self.ranks.get(server_round, {})
-        return _Round(server_round, ranks, global_state, fold,
-                      judge=self.cfg.outlier_norm_factor > 0 and len(ranks) >= 3)
+        sent = self._sent.get(server_round, [])
+        return TrainRound(server_round, self.ranks.get(server_round, {}), global_state, self.args, self.cfg,
+                          self.expected_shapes, self.delta, self.spill_parent,
+                          reply_node=lambda msg: self._reply_node(server_round, msg),
+                          sent_ids=lambda: {md.message_id for md in sent if md.message_id})
 
-    def _take_reply(self, rnd: _Round, msg: Message) -> None:
-        """Check one training reply and fold it in (or hold it: see _Round); it is not referenced afterwards."""
-        node = self._reply_node(rnd.number, msg)
-        if rnd.sent_ids is None:
-            rnd.sent_ids = {md.message_id for md in self._sent.get(rnd.number, []) if md.message_id}
-        if rnd.sent_ids and msg.metadata.reply_to_message_id not in rnd.sent_ids:
-            log(WARNING, "round %d: dropping training reply from node %d: it answers no message of this round "
-                "(a late reply)", rnd.number, node)
-            return
-        if self._repeated(rnd.number, node, rnd.seen, "training"):
-            return
-        if not msg.has_error():
-            rnd.received += sum(record_nbytes(msg.content[r]) for r in ("arrays", "delta")
-                                if r in msg.content and isinstance(msg.content[r], ArrayRecord))
-        ranks = rnd.ranks
-        try:
-            if node not in ranks and not msg.has_error():  # an error reply: its reason says more
-                raise ReplyError("this node was not sent a slice in this round")
-            checked = check_reply(msg, self.expected_shapes, self.cfg.wire_dtype, self.cfg.max_num_examples,
-                                  self.delta)
-        except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee: no reply stops the run
-            log(WARNING, "round %d: dropping reply from node %d (rank %s): %s", rnd.number, node, ranks.get(node),
-                _why(e))
-            return
-        c = Contribution(ranks[node], checked.state, checked.num_examples)
-        if not rnd.judge:
-            self._accept(rnd, node, c, checked.metrics)
-            return
-        # Outlier check, online: each reply is compared with the median of the round's replies so far (itself
-        # included) once there are 3; the first two wait for the third, parked on disk.
-        rnd.norms.append(update_rms(rnd.old, c, self.args, self.world_size, self.cfg.vocab_parallel))
-        if len(rnd.norms) < 3:
-            c.state = self._park(rnd, c.state)
-        rnd.waiting.append((node, c, checked.metrics, len(rnd.norms) - 1))
-        if len(rnd.norms) < 3:
-            return
-        bad = outliers(rnd.norms, self.cfg.outlier_norm_factor)
-        waiting, rnd.waiting = rnd.waiting, []
-        for node, c, metrics, i in waiting:
-            if i in bad:
-                log(WARNING, "round %d: dropping reply from node %d (rank %d): %s", rnd.number, node, c.rank, bad[i])
-            else:
-                self._accept(rnd, node, c, metrics)
-
-    def _accept(self, rnd: _Round, node: int, c: Contribution, metrics: dict) -> None:
-        rnd.accepted.append((node, c.rank, c.weight, metrics))
-        if rnd.fold is not None:
-            rnd.fold.add(c, release=True)  # the fold keeps no reference to the reply
-        else:  # a robust rule needs a rank group's replies at once: parked, read back a parameter at a time
-            rnd.held.append(Contribution(c.rank, self._park(rnd, c.state), c.weight))
-
-    def _park(self, rnd: _Round, state):
-        """A reply that must wait, parked on disk (spill.py); kept in memory, with a warning, if the disk
-        refuses it (nothing is lost either way)."""
-        if isinstance(state, SpilledState):
-            return state
-        try:
-            if rnd.spill is None:
-                rnd.spill = SpillDir(self.spill_parent)
-            return rnd.spill.park(state)
-        except OSError as e:
-            log(WARNING, "round %d: %s; this reply waits in memory instead", rnd.number, safe_text(e))
-            return state
-
-    def _quorum_met(self, rnd: _Round) -> bool:
-        """round-quorum < 1: that fraction of the sampled nodes answered and every rank has a valid reply."""
-        q = self.cfg.round_quorum
-        if q >= 1 or len(rnd.seen) < math.ceil(q * len(rnd.ranks)):
-            return False
-        valid = {rank for _, rank, _, _ in rnd.accepted} | {c.rank for _, c, _, _ in rnd.waiting}
-        return set(rnd.ranks.values()) <= valid
-
-    def _close_round(self, rnd: _Round, quorum_ended: bool = False) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        try:
-            return self._merge_round(rnd, quorum_ended)
-        finally:  # the parked replies go whatever happens (a skipped round, an error in the merge)
-            if rnd.spill is not None:
-                rnd.spill.close()
-                rnd.spill = None
-
-    def _merge_round(self, rnd: _Round, quorum_ended: bool) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        for node, c, metrics, _ in rnd.waiting:  # fewer than 3 replies checked: no median to compare with
-            self._accept(rnd, node, c, metrics)
-        rnd.waiting = []
-        why = (f"before the round ended at round-quorum {self.cfg.round_quorum:g}; a late reply is dropped"
-               if quorum_ended else f"within round-timeout {self.cfg.round_timeout:g} s")
-        for node in sorted(set(rnd.ranks) - rnd.seen):
-            log(WARNING, "round %d: no reply from node %d (rank %d) %s", rnd.number, node, rnd.ranks[node], why)
-        n = len(rnd.accepted)
-        log(INFO, "round %d: %d valid repl%s, %.1f MB received", rnd.number, n, "y" if n == 1 else "ies",
-            rnd.received / 1e6)
-        if n < self.cfg.min_train_nodes:
-            self.failure = (f"round {rnd.number}: {n} valid repl{'y' if n == 1 else 'ies'}, fewer than "
-                            f"min-train-nodes={self.cfg.min_train_nodes}")
-            log(WARNING, "%s; round skipped, global model kept", self.failure)
+    def _close_round(self, rnd: TrainRound, quorum_ended: bool = False) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's merge, through the inner rule: (new global model, the clients' metrics), or (None, None)
+        when the round has too few valid replies (self.failure says why)."""
+        merged, metrics = rnd.close(quorum_ended)
+        self.failure = rnd.failure
+        if merged is None:
             return None, None
-        untrained = sorted(set(range(self.world_size)) - {rank for _, rank, _, _ in rnd.accepted})
-        if untrained:
-            log(WARNING, "round %d: no valid reply for rank(s) %s; their slices keep their values", rnd.number, untrained)
-        if rnd.fold is not None:
-            merged = rnd.fold.result()
-        else:
-            merged = robust_aggregate_slices(rnd.old, rnd.held, self.args, self.world_size, self.cfg.rank_merge,
-                                             self.cfg.trimmed_mean_beta, self.cfg.effective_merge_weighting,
-                                             self.cfg.vocab_parallel)
-            rnd.held = []
         merged_record = encode(merged, "float32", release=True)  # never beside its encoded form
-        metrics = reduce_metrics((w, m) for _, _, w, m in rnd.accepted)
         # The inner rule's state (FedAvgM momentum, FedOpt moments) as it was before this round: Flower's rules
         # rebind those attributes to new objects rather than change them in place, so a shallow copy keeps them.
         self._inner_before = snapshot_strategy_state(self.inner)
         if type(self.inner) in (FedAvg, FedProx):
             return merged_record, metrics  # their rule on one reply is the identity
-        total = sum(w for _, _, w, _ in rnd.accepted)
-        one_reply = Message(RecordDict({"arrays": merged_record, "metrics": MetricRecord({"num-examples": total})}),
+        one_reply = Message(RecordDict({"arrays": merged_record,
+                                        "metrics": MetricRecord({"num-examples": rnd.total_weight})}),
                             dst_node_id=0, message_type=MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(rnd.number, [one_reply])
         return _as_float32(arrays), metrics
@@ -391,7 +249,7 @@ class FederatedTensorParallel(Strategy):
         `replies` (start() feeds them straight from the grid instead, one at a time)."""
         rnd = self._open_round(server_round)
         for msg in replies:
-            self._take_reply(rnd, msg)
+            rnd.take(msg)
         return self._close_round(rnd)
 
     def inner_state(self) -> dict:
@@ -442,7 +300,7 @@ class FederatedTensorParallel(Strategy):
                     raise ReplyError("this node was not sent a slice in this round")
                 good.append(check_eval_reply(msg, self.cfg.max_num_examples))
             except Exception as e:  # noqa: BLE001 - ReplyError, or a check we did not foresee
-                log(WARNING, "round %d: dropping evaluation reply from node %d: %s", server_round, node, _why(e))
+                log(WARNING, "round %d: dropping evaluation reply from node %d: %s", server_round, node, why_dropped(e))
         if not good:
             return None
         return reduce_metrics(good)
@@ -518,21 +376,21 @@ class FederatedTensorParallel(Strategy):
             # Slices go out one rank at a time; replies are pulled one at a time, checked and folded in as they
             # arrive (streaming.receive).
             batches = self._train_batches(rnd, arrays, ConfigRecord(dict(train_config)), grid)
-            state, outstanding = self._open_round(rnd), {}
+            this, outstanding = self._open_round(rnd), {}
             sending = True
-            for msg in receive(grid, batches, timeout, outstanding, enough=lambda: self._quorum_met(state)):
+            for msg in receive(grid, batches, timeout, outstanding, enough=this.quorum_met):
                 if sending:
                     self.memory.mark("sending")
                     sending = False
-                self._take_reply(state, msg)
+                this.take(msg)
                 del msg  # released before the next reply is pulled
             if sending:
                 self.memory.mark("sending")
             self.failure = None
-            new_arrays, train_metrics = self._close_round(state, quorum_ended=bool(outstanding) and self._quorum_met(state))
+            new_arrays, train_metrics = self._close_round(this, quorum_ended=bool(outstanding) and this.quorum_met())
             self._late.update(outstanding)
-            merged = len(state.accepted) if new_arrays is not None else 0
-            del state, batches
+            merged = len(this.accepted) if new_arrays is not None else 0
+            del this, batches
             self.memory.mark("receiving and merging")
             outcome = "skipped"
             if new_arrays is not None:
