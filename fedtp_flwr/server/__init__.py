@@ -1,7 +1,10 @@
 """What the ServerApp runs.
 
     app.py          the run: initial model, strategy, outputs (`run`, called by server_app.py)
-    strategy.py     the Flower Strategy: a slice per node, replies checked and merged, the inner rule applied
+    strategy.py     the Flower Strategy: a slice per node, the round loop, the inner rule applied
+    round.py        one round's replies: checked, folded in or parked, merged (TrainRound; start and
+                    aggregate_train drive the same one)
+    outer.py        DiLoCo's outer Nesterov step (strategy = "diloco")
     streaming.py    replies pulled one at a time as they arrive (pull.py on a real SuperLink)
     aggregation.py  the weighted merge of slices (WeightedFold), block by block
     robust.py       median / trimmed mean within a rank group; update norms and outliers

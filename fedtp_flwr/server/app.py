@@ -150,8 +150,8 @@ def run(grid: Grid, run_config: dict[str, Any], run_id: int | None = None) -> No
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
 
     def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord, trained: bool) -> None:
-        """The global model each round ends with (the previous one when the merged model was refused or the
-        round skipped: then no checkpoint, which would look like a trained one)."""
+        """The global model each round ends with (the previous one when the merged model was refused; a skipped
+        round, in which no client trained, writes no checkpoint, which would look like a trained one)."""
         state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round and trained else None
         outputs.record(rnd, metrics["loss"], metrics["perplexity"], state,
                        {"random_state": random.getstate(), "strategy_state": strategy.inner_state()})

@@ -45,8 +45,8 @@ from .streaming import receive
 
 
 class RunFailed(RuntimeError):
-    """The run cannot be called a success: a round trained too few clients (and allow-failed-rounds is off), or no
-    round's merged model was kept. Raised out of the ServerApp, so Flower records the run as failed."""
+    """The run cannot be called a success: a round had fewer valid replies than min-train-nodes (and
+    allow-failed-rounds is off). Raised out of the ServerApp, so Flower records the run as failed."""
 
 
 def make_inner_strategy(cfg: RunConfig) -> FedAvg:
@@ -349,11 +349,12 @@ class FederatedTensorParallel(Strategy):
         evaluate_fn(round, arrays) evaluates a model on the server's held-out data (a MetricRecord with "loss");
         a merged model it finds non-finite or too much worse than the previous one is refused (the global
         model stays, the inner rule's state too) and the round goes on. record_fn(round, arrays, metrics, trained) is
-        called once per round with the global model the round ends with (trained: this round's merge became it).
+        called once per round with the global model the round ends with (trained: false when the round was skipped:
+        nothing to checkpoint).
 
         A round with fewer than min-train-nodes valid replies raises RunFailed (before it records anything), unless
-        allow-failed-rounds; so does a run none of whose merged models was kept. The last log line says what each
-        round did (rounds_line)."""
+        allow-failed-rounds (then it records no checkpoint). A refused merge (max-loss-increase) is a defence, not a
+        failure: the round records the model it kept. The last log line says what each round did (rounds_line)."""
         log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
         self.summary()
         result, arrays = Result(), initial_arrays
@@ -425,7 +426,7 @@ class FederatedTensorParallel(Strategy):
                     result.evaluate_metrics_clientapp[rnd] = eval_metrics
             self.memory.mark("evaluating")
             if record_fn:
-                record_fn(rnd, arrays, kept, outcome == "trained")
+                record_fn(rnd, arrays, kept, outcome != "skipped")
             self.memory.mark("recording")
             log(INFO, "round %d: ServerApp peak RSS: %s", rnd, self.memory.line())
             log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
@@ -433,10 +434,6 @@ class FederatedTensorParallel(Strategy):
         if result.arrays is None:
             result.arrays = arrays
         log(INFO, "%s", self.rounds_line())
-        if self.rounds_done and not any(o == "trained" for _, o in self.rounds_done.values()) \
-                and not self.cfg.allow_failed_rounds:
-            raise RunFailed("no round's merged model was kept, so the model is the one the run started from: the run "
-                            "ends as failed (allow-failed-rounds = true accepts this)")
         return result
 
     def rounds_line(self) -> str:
