@@ -215,6 +215,9 @@ def test_chat_training_data_with_the_builtin_held_out_corpus(tmp_path):
            "local-steps": 1, "max-seq-len": 32, "eval-batches": 1, "min-available-nodes": 1,
            "output-dir": str(tmp_path / "out"),
            "train-data": str(jsonl(tmp_path / "c.jsonl", [CHAT] * 4))}
+    from fedtp_flwr.server.strategy import RunFailed
+
     grid = InProcessGrid([{"partition-id": 0, "num-partitions": 1}], cfg)
-    run(grid, cfg)
+    with pytest.raises(RunFailed, match="0 valid replies"):  # no client could train: the run fails
+        run(grid, cfg)
     assert grid.replies and all(r.has_error() and "chat format" in r.error.reason for r in grid.replies)
