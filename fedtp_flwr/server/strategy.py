@@ -387,7 +387,6 @@ class FederatedTensorParallel(Strategy):
                 del msg  # released before the next reply is pulled
             if sending:
                 self.memory.mark("sending")
-            self.failure = None
             new_arrays, train_metrics = self._close_round(this, quorum_ended=bool(outstanding) and this.quorum_met())
             self._late.update(outstanding)
             merged = len(this.accepted) if new_arrays is not None else 0
