@@ -3,6 +3,7 @@
     transformer.py  ModelArgs (Meta's params.json keys), Transformer, presets
     sharding.py     the tensor-parallel plan: shard_args, shard, the shapes of a slice
     quant.py        absmax int8 / int4 / bf16 tensors (the frozen rest of context mode)
+    rows.py         cutting a tensor into blocks of whole rows (every blocked pass, server and client)
     context.py      context mode: a slice trained inside a frozen low-bit copy of the rest
     checkpoint.py   Meta and Hugging Face checkpoints: load, check, convert, export
 """

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quant import QTensor, dequantize, quantize
+from .rows import row_slices
 from .sharding import REPLICATE, Split, block, check_world_size, full_shapes, rule_for, shard, slice_shapes
 from .transformer import ModelArgs, Transformer
 
@@ -288,21 +289,19 @@ class FrozenContextLinear(_FrozenRest, nn.Linear):
         """(first output row, [rows, in] block of the full weight in `dtype`), covering it in row order, at
         most ROW_BLOCK_VALUES values each: the rest dequantized a block of rows at a time, the slice in its
         place (its own rows for an output split; its columns of every row for an input split)."""
-        step = max(1, ROW_BLOCK_VALUES // self.in_features)
         size = weight.shape[self.split.dim]
-        lo, rest = self.rank * size, self.rest
+        lo, rest, per_row = self.rank * size, self.rest, self.in_features
         if self.split.dim == 1:
-            for r in range(0, self.out_features, step):
-                rows = slice(r, min(r + step, self.out_features))
+            for rows in row_slices(self.out_features, per_row, ROW_BLOCK_VALUES):
                 frozen = dequantize(rest.rows(rows), dtype)  # [rows, in - size]
-                yield r, torch.cat((frozen[:, :lo], weight[rows].to(dtype), frozen[:, lo:]), dim=1)
+                yield rows.start, torch.cat((frozen[:, :lo], weight[rows].to(dtype), frozen[:, lo:]), dim=1)
             return
         for start, stop, offset in ((0, lo, 0), (lo, self.rest_shape[0], size)):
-            for r in range(start, stop, step):
-                yield r + offset, dequantize(rest.rows(slice(r, min(r + step, stop))), dtype)
+            for rows in row_slices(stop, per_row, ROW_BLOCK_VALUES, start):
+                yield rows.start + offset, dequantize(rest.rows(rows), dtype)
             if offset == 0:
-                for r in range(0, size, step):
-                    yield lo + r, weight[r:r + step].to(dtype)
+                for rows in row_slices(size, per_row, ROW_BLOCK_VALUES):
+                    yield lo + rows.start, weight[rows].to(dtype)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [..., in] @ full^T -> [..., out] in `dtype`, a block of the full weight at a time."""

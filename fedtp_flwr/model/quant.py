@@ -37,6 +37,8 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from .rows import row_slices, rows_per_block
+
 BITS = (4, 8, 16)
 QMAX = {8: 127, 4: 7}
 
@@ -177,10 +179,9 @@ def quantize_rows(t: torch.Tensor, bits: int, group_size: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, block_values: int = 2**22) -> QTensor:
     """`quantize`, a block of rows at a time (rows are quantized independently, so the result is the same
     layout): the float32 temporaries stay at a block's size, not the tensor's (a 3B embedding is 394M values)."""
-    step = max(1, block_values // max(1, t.shape[1]))
-    if t.shape[0] <= step:
+    if t.shape[0] <= rows_per_block(t.shape[1], block_values):
         return quantize(t, bits, group_size, generator)
-    parts = [quantize(t[i:i + step], bits, group_size, generator) for i in range(0, t.shape[0], step)]
+    parts = [quantize(t[rows], bits, group_size, generator) for rows in row_slices(t.shape[0], t.shape[1], block_values)]
     scale = None if bits == 16 else torch.cat([p.scale for p in parts])
     return QTensor(torch.cat([p.data for p in parts]), scale, bits, tuple(t.shape), group_size)
 

@@ -37,6 +37,7 @@ from fedtp_flwr.config import WEIGHTINGS
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_target, rest_positions
 from fedtp_flwr.model.quant import QTensor, dequantize
+from fedtp_flwr.model.rows import row_slices
 from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for, shard
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
@@ -60,9 +61,8 @@ def blocks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in range(t0.shape[0]):
             yield from blocks(*(t[i] for t in tensors))
         return
-    step = n // row
-    for i in range(0, t0.shape[0], step):
-        yield tuple(t[i:i + step] for t in tensors)
+    for rows in row_slices(t0.shape[0], row, n):
+        yield tuple(t[rows] for t in tensors)
 
 
 @dataclass
@@ -160,13 +160,12 @@ class WeightedFold:
             first, alpha = self._write(name, other, w)
             dst = self._block(self.sums, name, other)
             rows, cols = (b[pos:pos + size], a) if rule.dim == 0 else (b, a[:, pos:pos + size])
-            step = max(1, BLOCK_VALUES // max(1, cols.shape[1]))
-            for i in range(0, rows.shape[0], step):
-                product = rows[i:i + step] @ cols  # [<= step, block cols], float32
+            for part in row_slices(rows.shape[0], cols.shape[1], BLOCK_VALUES):
+                product = rows[part] @ cols  # [rows of the part, block cols], float32
                 if first:
-                    dst[i:i + step].copy_(product)
+                    dst[part].copy_(product)
                 else:
-                    dst[i:i + step].add_(product, alpha=alpha)
+                    dst[part].add_(product, alpha=alpha)
 
     def result(self) -> dict[str, torch.Tensor]:
         """The merged state dict (float32, the global model's key order). The fold is spent afterwards."""
@@ -196,9 +195,7 @@ def delta_rows(q: QTensor, shape: torch.Size) -> Iterator[tuple[slice, torch.Ten
     if len(shape) < 2:
         yield slice(None), dequantize(q).reshape(shape)
         return
-    step = max(1, BLOCK_VALUES // max(1, q.shape[1]))
-    for i in range(0, q.shape[0], step):
-        rows = slice(i, min(i + step, q.shape[0]))
+    for rows in row_slices(q.shape[0], q.shape[1], BLOCK_VALUES):
         yield rows, dequantize(q.rows(rows)).reshape(rows.stop - rows.start, *shape[1:])
 
 

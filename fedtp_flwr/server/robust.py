@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import fedtp_flwr.server.aggregation as aggregation
+from fedtp_flwr.model.rows import row_slices, rows_per_block
 from fedtp_flwr.compat import trim_mean
 from fedtp_flwr.config import ROBUST_RULES
 from fedtp_flwr.model import ModelArgs
@@ -111,8 +112,8 @@ def _row_ranges(shape: Sequence[int]) -> list[tuple[int, int]]:
     with a budget of 1 or 2 values the lone row joins the run before it instead, one value over the budget)."""
     rows = _row_count(shape)
     per_row = math.prod(shape[1:]) if len(shape) else 1
-    step = max(1, aggregation.BLOCK_VALUES // max(1, per_row))
-    out = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    step = rows_per_block(per_row, aggregation.BLOCK_VALUES)
+    out = [(s.start, s.stop) for s in row_slices(rows, per_row, aggregation.BLOCK_VALUES)]
     if per_row == 1 and len(out) > 1 and out[-1][1] - out[-1][0] == 1:
         a, mid = out[-2]
         out[-2:] = [(a, mid - 1), (mid - 1, rows)] if step >= 3 else [(a, rows)]

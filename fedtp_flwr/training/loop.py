@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedtp_flwr.compat import torchao_adamw
 from fedtp_flwr.data.loss import IGNORE_INDEX, perplexity, token_loss  # the one definition of the loss
 from fedtp_flwr.model.context import RestAdapter
+from fedtp_flwr.model.rows import row_slices
 
 from .chunked_loss import chunked_token_loss
 from .settings import PRECISIONS, TrainSettings, resolve_device
@@ -181,11 +182,12 @@ class InBackwardOptimizer:
         self.blocks: dict[nn.Parameter, list[tuple[slice, torch.Tensor, torch.optim.Optimizer]]] = {}
         for group in param_groups(model, settings.weight_decay, trainable, settings.adapter_lr_factor):
             for p in group["params"]:
-                rows = max(1, STEP_BLOCK_VALUES // max(1, p[0].numel())) if p.dim() > 1 else p.shape[0]
+                # a vector is one block; a matrix is cut into whole rows
+                parts = (list(row_slices(p.shape[0], p[0].numel(), STEP_BLOCK_VALUES)) if p.dim() > 1
+                         else [slice(0, p.shape[0])])
                 blocks = []
-                for lo in range(0, p.shape[0], rows):
-                    index = slice(lo, min(lo + rows, p.shape[0]))
-                    view = p.detach()[index] if rows < p.shape[0] else p
+                for index in parts:
+                    view = p.detach()[index] if len(parts) > 1 else p
                     opt = _build_optimizer([{"params": [view], "weight_decay": group["weight_decay"],
                                              "lr_scale": group["lr_scale"]}], settings)
                     blocks.append((index, view, opt))
