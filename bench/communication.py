@@ -294,11 +294,13 @@ def recipe_round(args: ModelArgs, cfg: RunConfig) -> dict:
 
 
 def recipe_rows(world_sizes) -> tuple[list[dict], dict[str, float]]:
-    """The 3B small-GPU recipes (configs/), as they are and with each codec option, per W."""
+    """The 3B small-GPU recipes (configs/) with each codec option, per W; `recipe_gb` is the recipe as shipped
+    (its own codecs), and each row says whether it is that one."""
     import tomllib
 
     args = _common.model_args("llama3.2-3b")
-    variants = {"recipe": {}, "up int4-delta": {"upload-codec": "int4-delta"},
+    variants = {"bf16 both ways": {"upload-codec": "weights", "download-codec": "wire"},
+                "up int4-delta": {"upload-codec": "int4-delta", "download-codec": "wire"},
                 "up int4-delta, down int8": {"upload-codec": "int4-delta", "download-codec": "int8"},
                 "up int4-delta, down int4": {"upload-codec": "int4-delta", "download-codec": "int4"}}
     rows, recipe_gb = [], {}
@@ -307,12 +309,14 @@ def recipe_rows(world_sizes) -> tuple[list[dict], dict[str, float]]:
         if not path.exists():
             continue
         recipe = tomllib.loads(path.read_text())
+        shipped = RunConfig.from_run_config(recipe)
         for name, extra in variants.items():
             cfg = RunConfig.from_run_config({**recipe, **extra})
             r = recipe_round(args, cfg)
+            is_recipe = (cfg.upload_codec, cfg.download_codec) == (shipped.upload_codec, shipped.download_codec)
             rows.append({"world_size": w, "variant": name, "upload_codec": cfg.upload_codec,
-                         "download_codec": cfg.download_codec, **r})
-            if name == "recipe":
+                         "download_codec": cfg.download_codec, "recipe": is_recipe, **r})
+            if is_recipe:
                 recipe_gb[str(w)] = r["total"] / 1e9
     return rows, recipe_gb
 
@@ -420,7 +424,7 @@ def main(argv=None) -> dict:
     recipes, recipe_gb = recipe_rows([2, 4, 8]) if a.recipes else ([], {})
     if recipes:
         _common.table(["W", "variant", "down GB", "up GB", "total GB", "at 100 Mbit/s"],
-                      [[r["world_size"], r["variant"], f"{r['down'] / 1e9:.2f}", f"{r['up'] / 1e9:.2f}",
+                      [[r["world_size"], r["variant"] + (" (the recipe)" if r["recipe"] else ""), f"{r['down'] / 1e9:.2f}", f"{r['up'] / 1e9:.2f}",
                         f"{r['total'] / 1e9:.2f}", f"{r['total'] * 8 / 100e6 / 60:.1f} min"] for r in recipes],
                       title="Llama 3.2 3B small-GPU recipes (configs/llama32-3b-small-gpu-w*.toml): bytes per client "
                             "per round, serialized by Flower (shape classes), with each codec option")

@@ -105,7 +105,9 @@ def record_nbytes(record: ArrayRecord) -> int:
 # upload-codec int8-delta / int4-delta: a client uploads trained - received of every slice tensor, absmax-quantized
 # per DELTA_GROUP values of a row (model/quant.py's layout; a 1-D tensor as one row), with stochastic rounding so
 # that the server's mean of the updates is unbiased. The record holds "<name>:q" and "<name>:scale" per tensor.
-DELTA_GROUP = 64
+# 128 values per float32 scale, as the small-GPU recipes' frozen rest (context-group-size): int4 costs 0.53 bytes
+# per value (0.56 at 64), which is what brings the 3B W=2 recipe's round under 3 GB (bench/communication.py).
+DELTA_GROUP = 128
 
 
 def _as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
