@@ -105,7 +105,7 @@ def test_train_throughput_quick(tmp_path):
 
 @pytest.mark.slow
 def test_client_memory_quick(tmp_path):
-    # the analytic 3B / 8B / 70B tables build dozens of meta-device client models: ~1-2 min on 2 cores
+    # quick: the analytic 3B table for today and best (8B / 70B only in the full run: the same function)
     doc = run_bench("client_memory.py", "--quick", out=tmp_path / "mem.json", timeout=600)
     assert [(r["option"], r["world_size"]) for r in doc["rows"]] == [
         ("today", 1), ("today", 2), ("+vocab-parallel", 1), ("+vocab-parallel", 2)]
@@ -127,7 +127,7 @@ def test_client_memory_quick(tmp_path):
         assert table[("best", w)] < table[("today", w)]
         assert doc["3b_best"]["peak_gb"][str(w)] == round(table[("best", w)] / 1e9, 2)
     assert doc["3b_best"]["config"]["vocab-parallel"] is True and doc["3b_best"]["config"]["max-grad-norm"] == 0.0
-    assert {t["world_size"] for t in doc["llama3.1-70b"]} == {1, 2, 4, 8}
+    assert {t["option"] for t in doc["llama3.2-3b"]} == {"today", "best"} and "llama3.1-70b" not in doc
 
 
 @pytest.mark.slow

@@ -374,24 +374,7 @@ class FederatedTensorParallel(Strategy):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             self._discard_late(grid)
             self.memory.mark("between rounds")
-            # Slices go out one rank at a time; replies are pulled one at a time, checked and folded in as they
-            # arrive (streaming.receive).
-            batches = self._train_batches(rnd, arrays, ConfigRecord(dict(train_config)), grid)
-            this, outstanding = self._open_round(rnd), {}
-            sending = True
-            for msg in receive(grid, batches, timeout, outstanding, enough=this.quorum_met):
-                if sending:
-                    self.memory.mark("sending")
-                    sending = False
-                this.take(msg)
-                del msg  # released before the next reply is pulled
-            if sending:
-                self.memory.mark("sending")
-            new_arrays, train_metrics = self._close_round(this, quorum_ended=bool(outstanding) and this.quorum_met())
-            self._late.update(outstanding)
-            merged = len(this.accepted) if new_arrays is not None else 0
-            del this, batches
-            self.memory.mark("receiving and merging")
+            new_arrays, train_metrics, merged = self._train_round(rnd, arrays, train_config, grid, timeout)
             outcome = "skipped"
             if new_arrays is not None:
                 new_metrics = evaluate_fn(rnd, new_arrays) if evaluate_fn else None
@@ -415,14 +398,7 @@ class FederatedTensorParallel(Strategy):
             if train_metrics is not None:
                 log(INFO, "\t└──> train metrics: %s", train_metrics)
                 result.train_metrics_clientapp[rnd] = train_metrics
-            eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
-            if eval_msgs:
-                outstanding = {}
-                eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, [eval_msgs], timeout, outstanding)))
-                self._late.update(outstanding)
-                if eval_metrics is not None:
-                    log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
-                    result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            self._evaluate_on_clients(rnd, arrays, evaluate_config, grid, timeout, result)
             self.memory.mark("evaluating")
             if record_fn:
                 record_fn(rnd, arrays, kept, outcome != "skipped")
@@ -434,6 +410,42 @@ class FederatedTensorParallel(Strategy):
             result.arrays = arrays
         log(INFO, "%s", self.rounds_line())
         return result
+
+    def _train_round(self, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord, grid: Grid,
+                     timeout: float) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
+        """Send the slices, take the replies as they arrive, merge: (merged model or None, train metrics,
+        replies merged). Slices go out one rank at a time; replies are pulled one at a time, checked and folded
+        in as they arrive (streaming.receive)."""
+        batches = self._train_batches(rnd, arrays, ConfigRecord(dict(train_config)), grid)
+        this, outstanding = self._open_round(rnd), {}
+        sending = True
+        for msg in receive(grid, batches, timeout, outstanding, enough=this.quorum_met):
+            if sending:
+                self.memory.mark("sending")
+                sending = False
+            this.take(msg)
+            del msg  # released before the next reply is pulled
+        if sending:
+            self.memory.mark("sending")
+        new_arrays, train_metrics = self._close_round(this, quorum_ended=bool(outstanding) and this.quorum_met())
+        self._late.update(outstanding)
+        merged = len(this.accepted) if new_arrays is not None else 0
+        del this, batches
+        self.memory.mark("receiving and merging")
+        return new_arrays, train_metrics, merged
+
+    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, evaluate_config: ConfigRecord, grid: Grid,
+                             timeout: float, result: Result) -> None:
+        """The clients' slice evaluation of the round's global model (client-eval), into `result`."""
+        eval_msgs = list(self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
+        if not eval_msgs:
+            return
+        outstanding = {}
+        eval_metrics = self.aggregate_evaluate(rnd, list(receive(grid, [eval_msgs], timeout, outstanding)))
+        self._late.update(outstanding)
+        if eval_metrics is not None:
+            log(INFO, "\t└──> slice evaluation (clients): %s", eval_metrics)
+            result.evaluate_metrics_clientapp[rnd] = eval_metrics
 
     def rounds_line(self) -> str:
         """What the rounds of this run did, for the run's last log line."""
