@@ -147,13 +147,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------- corpora
 
 
-def stdlib_docstrings() -> dict[str, list[str]]:
-    """Docstrings of the standard library by top-level package (tests and site-packages excluded)."""
+def stdlib_docstrings(packages=None) -> dict[str, list[str]]:
+    """Docstrings of the standard library by top-level package (tests and site-packages excluded); with
+    `packages`, of those only (the same lists, without parsing the rest of the library)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     topics: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
         if parts[0] == "site-packages" or any(x in ("test", "tests") for x in parts):
+            continue
+        if packages is not None and parts[0].removesuffix(".py") not in packages:
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -176,7 +179,7 @@ def build_pydocs(cache: Path) -> dict:
     info_path = out / "corpus.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
-    topics = stdlib_docstrings()
+    topics = stdlib_docstrings(PYDOCS_PRETRAIN + PYDOCS_FINETUNE)
     missing = [t for t in PYDOCS_PRETRAIN + PYDOCS_FINETUNE if t not in topics]
     if missing:
         raise RuntimeError(f"this Python's standard library has no docstrings for {missing}")
