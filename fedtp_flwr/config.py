@@ -32,13 +32,15 @@ RANK_MERGES = ("mean",) + ROBUST_RULES
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
-         exclusive_min: bool = False, train: bool = False, resume_may_differ: bool = False) -> Any:
+         exclusive_min: bool = False, train: bool = False, resume_may_differ: bool = False,
+         advanced: bool = False) -> Any:
     """A run-config key. Per-key facts live here: `train`, a client's TrainSettings takes the value as it is
     (the field of the same name; TrainSettings' own checks are its rules, run at start by __post_init__, so each
     rule is written once); `resume_may_differ`, a resumed run may change it (every other key changes the math,
-    so it must equal the checkpoint's)."""
+    so it must equal the checkpoint's); `advanced`, a key few runs set (defence tuning, memory and traffic
+    options a recipe sets, bookkeeping): the README lists it in its second table."""
     meta = dict(key=name, help=help, choices=choices, minimum=minimum, exclusive_min=exclusive_min, train=train,
-                resume_may_differ=resume_may_differ)
+                resume_may_differ=resume_may_differ, advanced=advanced)
     return field(default=default, metadata=meta)
 
 
@@ -47,36 +49,36 @@ class RunConfig:
     # -- federation
     num_server_rounds: int = _key("num-server-rounds", 3, "federated rounds", minimum=1, resume_may_differ=True)
     world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
-    enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds")
-    swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1)
+    enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds", advanced=True)
+    swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1, advanced=True)
     strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class; diloco: DiLoCo's outer Nesterov SGD on the merged update, server/outer.py)", choices=STRATEGIES)
-    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", train=True)
+    proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", train=True, advanced=True)
     server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM / DiLoCo server (outer) lr, FedOpt eta (DiLoCo's paper: 0.7)", minimum=0.0, exclusive_min=True)
     server_momentum: float = _key("server-momentum", 0.0, "FedAvgM / DiLoCo momentum (DiLoCo's paper: 0.9)", minimum=0.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the run stops as failed (or, with allow-failed-rounds, the round is skipped)", minimum=1)
-    allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)")
+    allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)", advanced=True)
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1, resume_may_differ=True)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True, resume_may_differ=True)
-    round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True)
+    round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True, advanced=True)
     upload_codec: str = _key("upload-codec", "weights", "what a client uploads of its slice: the trained weights in wire-dtype, or the update (trained - received) as blockwise absmax int8 / int4 with stochastic rounding, 128 values per float32 scale (about 1/4 / 1/8 of float32), decoded by the server block by block into the same merge", choices=UPLOAD_CODECS)
     download_codec: str = _key("download-codec", "wire", "how the server sends a client its slice: in wire-dtype, or blockwise absmax int8 / int4 (128 values per float32 scale); the client trains from the dequantized slice and uploads its update, which the server adds to its float32 master (needs an upload-codec delta)", choices=DOWNLOAD_CODECS)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
-    context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0)
-    merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS)
+    context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0, advanced=True)
+    merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS, advanced=True)
     rest_adapter_rank: int = _key("rest-adapter-rank", -1, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off; -1, auto: 16 in context mode with the all-clients mean, else off)", minimum=-1)
-    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 10.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True, train=True)
+    adapter_lr_factor: float = _key("rest-adapter-lr-factor", 10.0, "learning rate of the rest adapters' factors, as a multiple of learning-rate", minimum=0.0, exclusive_min=True, train=True, advanced=True)
     vocab_parallel: bool = _key("vocab-parallel", False, "context mode: split tok_embeddings and output by vocabulary rows too (W must divide the vocabulary)")
     client_eval: bool = _key("client-eval", False, "each node also evaluates its slice sub-model on its local held-out data", resume_may_differ=True)
     # -- untrusted clients
-    max_num_examples: int = _key("max-num-examples", 100_000_000, "largest weight a reply may claim (a training reply's num-examples, a client-eval reply's num-tokens); a reply claiming more is dropped", minimum=1)
-    outlier_norm_factor: float = _key("outlier-norm-factor", 10.0, "drop a reply whose update norm (its rank slice, or the replicated layers) exceeds this multiple of the round's median, when >= 3 replies compare (0: off)", minimum=0.0)
-    rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES)
-    trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0)
-    max_loss_increase: float = _key("max-loss-increase", 1.5, "keep the previous model when the merged model's held-out loss is non-finite or above this multiple of the previous round's (0: only non-finite losses are refused)", minimum=0.0)
-    spill_dir: str = _key("spill-dir", "", "where the server parks replies that must wait (the outlier check's first two, a robust rank-merge's) instead of holding them in memory; removed at each round's end (empty: the run's output folder /spill)")
+    max_num_examples: int = _key("max-num-examples", 100_000_000, "largest weight a reply may claim (a training reply's num-examples, a client-eval reply's num-tokens); a reply claiming more is dropped", minimum=1, advanced=True)
+    outlier_norm_factor: float = _key("outlier-norm-factor", 10.0, "drop a reply whose update norm (its rank slice, or the replicated layers) exceeds this multiple of the round's median, when >= 3 replies compare (0: off)", minimum=0.0, advanced=True)
+    rank_merge: str = _key("rank-merge", "mean", "merge within a rank group and for the replicated layers: num-examples-weighted mean, or unweighted coordinate-wise median / trimmed mean (Flower's FedMedian / FedTrimmedAvg math)", choices=RANK_MERGES, advanced=True)
+    trimmed_mean_beta: float = _key("trimmed-mean-beta", 0.2, "rank-merge trimmed-mean: fraction cut from each tail, in [0, 0.5)", minimum=0.0, advanced=True)
+    max_loss_increase: float = _key("max-loss-increase", 1.5, "keep the previous model when the merged model's held-out loss is non-finite or above this multiple of the previous round's (0: only non-finite losses are refused)", minimum=0.0, advanced=True)
+    spill_dir: str = _key("spill-dir", "", "where the server parks replies that must wait (the outlier check's first two, a robust rank-merge's) instead of holding them in memory; removed at each round's end (empty: the run's output folder /spill)", advanced=True)
     # -- model and data
     model: str = _key("model", "llama3.2-tiny", "model preset (ignored when checkpoint-dir is set)")
     checkpoint_dir: str = _key("checkpoint-dir", "", "Meta (params.json) or Hugging Face (config.json) checkpoint directory")
@@ -84,33 +86,33 @@ class RunConfig:
     train_data: str = _key("train-data", "", "training .txt/.jsonl file or directory; empty: the built-in corpus")
     eval_data: str = _key("eval-data", "", "held-out .txt/.jsonl file or directory; empty: the built-in corpus")
     data_format: str = _key("data-format", "auto", "records of the .jsonl data: text, alpaca (instruction, input, output) or chat (messages); alpaca and chat are rendered in the Llama 3 chat format with the loss on the responses only; auto: detected per file", choices=DATA_FORMATS)
-    partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=SCHEMES)
-    packing: bool = _key("packing", True, "pack examples into full max-seq-len sequences (no padding)")
+    partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=SCHEMES, advanced=True)
+    packing: bool = _key("packing", True, "pack examples into full max-seq-len sequences (no padding)", advanced=True)
     max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
     eval_batches: int = _key("eval-batches", 8, "held-out batches per evaluation (0: all)", minimum=0)
     # -- local training
     learning_rate: float = _key("learning-rate", 1e-3, "client AdamW learning rate", train=True)
     weight_decay: float = _key("weight-decay", 0.01, "AdamW weight decay (not on norms and embeddings)", train=True)
     batch_size: int = _key("batch-size", 4, "sequences per micro-batch", minimum=1)
-    max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1)
+    max_batch_size: int = _key("max-batch-size", 8, "sequences per evaluation batch", minimum=1, advanced=True)
     local_steps: int = _key("local-steps", 10, "optimizer steps per client per round", train=True)
-    local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0)
-    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", train=True)
+    local_epochs: float = _key("local-epochs", 0.0, "passes over the node's data per round; replaces local-steps when > 0", minimum=0.0, advanced=True)
+    grad_accum_steps: int = _key("grad-accum-steps", 1, "micro-batches per optimizer step", train=True, advanced=True)
     max_grad_norm: float = _key("max-grad-norm", 1.0, "gradient clipping norm (0: off)", train=True)
     lr_schedule: str = _key("lr-schedule", "constant", "local learning-rate schedule", choices=LR_SCHEDULES, train=True)
-    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", train=True)
+    warmup_steps: int = _key("warmup-steps", 0, "linear warmup steps of the local schedule", train=True, advanced=True)
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute activations in backward", train=True)
     optimizer: str = _key("optimizer", "adamw", "client optimizer: torch AdamW (float32 state), torchao AdamW with 8-bit or 4-bit state", choices=OPTIMIZERS, train=True)
-    client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=tuple(PARAM_DTYPES))
-    optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)", train=True)
-    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", train=True)
+    client_param_dtype: str = _key("client-param-dtype", "float32", "dtype of the client's trainable weights (bfloat16: updated with stochastic rounding, no float32 master copy)", choices=tuple(PARAM_DTYPES), advanced=True)
+    optimizer_in_backward: bool = _key("optimizer-in-backward", False, "step each parameter inside backward, holding no gradient buffers (needs max-grad-norm = 0, grad-accum-steps = 1)", train=True, advanced=True)
+    loss_chunk_tokens: int = _key("loss-chunk-tokens", 1024, "tokens whose logits are computed at once in training (0: all at once)", train=True, advanced=True)
     device: str = _key("device", "auto", "auto (CUDA when available), cpu, cuda or cuda:N", train=True, resume_may_differ=True)
-    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS, train=True)
+    precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS, train=True, advanced=True)
     seed: int = _key("seed", 42, "seed for init, data order and sampling", train=True)
     # -- outputs
     output_dir: str = _key("output-dir", "", "where results, eval files and checkpoints go (empty: outputs/run-<run id>/ per run, the results .pkl in outputs/, merged across runs; a resumed run continues in its checkpoint's folder)", resume_may_differ=True)
-    checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0, resume_may_differ=True)
-    keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0, resume_may_differ=True)
+    checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0, resume_may_differ=True, advanced=True)
+    keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0, resume_may_differ=True, advanced=True)
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)", resume_may_differ=True)
 
     def __post_init__(self):
@@ -232,10 +234,13 @@ def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
     return value
 
 
-def markdown_table() -> str:
-    """The README's configuration table (python -m fedtp_flwr.config)."""
+def markdown_table(advanced: bool = False) -> str:
+    """One of the README's two configuration tables (python -m fedtp_flwr.config): the keys most runs set, or
+    with `advanced` the others."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, f in RunConfig.keys().items():
+        if f.metadata["advanced"] != advanced:
+            continue
         d = f.default
         shown = ("true" if d else "false") if isinstance(d, bool) else (f'"{d}"' if isinstance(d, str) else repr(d))
         allowed = f" ({', '.join(map(str, f.metadata['choices']))})" if f.metadata["choices"] else ""
@@ -244,4 +249,4 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    print(markdown_table(), markdown_table(advanced=True), sep="\n\n")

@@ -19,6 +19,15 @@ def test_pyproject_declares_every_key_with_the_same_default():
     assert RunConfig.from_run_config(declared) == RunConfig()
 
 
+def test_readme_holds_both_configuration_tables_as_generated():
+    """The README's tables are markdown_table()'s output, line for line (python -m fedtp_flwr.config): a key's
+    help, default or choices cannot drift from the code."""
+    from fedtp_flwr.config import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme and markdown_table(advanced=True) in readme
+
+
 def test_readme_lists_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in RunConfig.keys() if f"`{k}`" not in readme]
