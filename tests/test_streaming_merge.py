@@ -1,7 +1,8 @@
 """Streaming aggregation: replies pulled one at a time, folded into running sums and released (issue 12).
 
-- the streamed merge equals aggregate_slices over the same valid replies bit for bit, with duplicates,
-  errors and late replies in the stream, under both weightings;
+- the streamed merge equals the merge rule written out from its definition (a reference in this file, not
+  the server's code) over the same valid replies, with duplicates, errors and late replies in the stream,
+  under both weightings;
 - the number of replies alive at once does not grow with the number of nodes (in-process grid, counted
   replies, not RSS);
 - a round ends at round-quorum or round-timeout, and the nodes left out are named.
@@ -16,7 +17,7 @@ import weakref
 import pytest
 import torch
 from conftest import FakeGrid
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedtp_flwr.compat import set_message_id
 from fedtp_flwr.config import ConfigError, RunConfig
@@ -85,8 +86,34 @@ class ScriptedGrid(FakeGrid):
         return out
 
 
+def reference_merge(old: dict, contributions: list[Contribution], weighting: str) -> dict:
+    """The merge rule from its definition, in float64: a replicated tensor is the weighted mean of every reply;
+    a rank's block is the weighted mean of its replies (per-rank), or the old block plus every reply's change
+    of it weighted over all replies (all-clients). A rank nobody answered keeps its block."""
+    from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
+
+    total = sum(c.weight for c in contributions)
+    out = {k: v.double().clone() for k, v in old.items()}
+    for k in old:
+        if rule_for(k) is REPLICATE:
+            out[k] = sum(c.weight * c.state[k].double() for c in contributions) / total
+    for rank in range(2):
+        group = [c for c in contributions if c.rank == rank]
+        dst, before = shard(out, ARGS, rank, 2), shard(old, ARGS, rank, 2)
+        for k in dst:
+            if rule_for(k) is REPLICATE or not group:
+                continue
+            if weighting == "per-rank":
+                value = sum(c.weight * c.state[k].double() for c in group) / sum(c.weight for c in group)
+            else:
+                b = before[k].double()
+                value = b + sum(c.weight * (c.state[k].double() - b) for c in group) / total
+            dst[k].copy_(value)
+    return out
+
+
 @pytest.mark.parametrize("weighting", ["per-rank", "all-clients"])
-def test_streamed_merge_equals_the_batch_merge_bit_for_bit(weighting, caplog):
+def test_streamed_merge_equals_the_rule_over_the_valid_replies(weighting, caplog):
     cfg = RunConfig(world_size=2, merge_weighting=weighting, min_available_nodes=1)
     s = FederatedTensorParallel(ARGS, cfg)
     grid = ScriptedGrid([1, 2, 3, 4, 5])
@@ -96,8 +123,9 @@ def test_streamed_merge_equals_the_batch_merge_bit_for_bit(weighting, caplog):
     for rnd in (1, 2):
         contributions = [c for r, c in grid.accepted if r == rnd]
         assert len(contributions) == 4  # nodes 1, 2, 3, 5
-        want = aggregate_slices(recorded[rnd - 1], contributions, ARGS, 2, weighting)
-        assert all(torch.equal(recorded[rnd][k], want[k]) for k in want), rnd
+        want = reference_merge(recorded[rnd - 1], contributions, weighting)
+        for k in want:  # float32 sums in another order than float64's
+            torch.testing.assert_close(recorded[rnd][k].double(), want[k], rtol=0, atol=1e-6, msg=f"{rnd} {k}")
         assert not torch.equal(recorded[rnd]["norm.weight"], recorded[rnd - 1]["norm.weight"])  # not vacuous
     text = caplog.text
     assert "round 2: dropping training reply from node 2: it answers no message of this round (a late reply)" in text
