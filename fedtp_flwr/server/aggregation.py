@@ -38,7 +38,7 @@ from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_target, rest_positions
 from fedtp_flwr.model.quant import QTensor, dequantize
 from fedtp_flwr.model.rows import row_slices
-from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for, shard
+from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
 # 16 MB in float32 / 32 MB in float64, so a pass's temporaries do not grow with the largest tensor
@@ -213,31 +213,6 @@ def aggregate_slices(
     for c in contributions:
         fold.add(c)
     return fold.result()
-
-
-def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution], args: ModelArgs,
-                  world_size: int, vocab_parallel: bool, replicated, split) -> dict[str, torch.Tensor]:
-    """The walk every merge rule shares: `replicated(name)` gives a replicated parameter's new value; each split
-    parameter is allocated once and `split(name, dst, old, group)` writes each trained rank's block into `dst`
-    (a view from `shard`) from the rank's replies; a rank nobody trained keeps `old`."""
-    out = {}
-    for k, old in global_state.items():  # the global model's key order (Flower's FedAvgM pairs arrays by position)
-        if rule_for(k, vocab_parallel) is REPLICATE:
-            out[k] = replicated(k).to(old.dtype)
-        else:
-            out[k] = torch.empty(old.shape, dtype=old.dtype)
-    for rank in range(world_size):
-        group = [c for c in contributions if c.rank == rank]
-        dst = shard(out, args, rank, world_size, vocab_parallel)  # views into `out`
-        src = shard(global_state, args, rank, world_size, vocab_parallel)
-        for k, old in src.items():
-            if rule_for(k, vocab_parallel) is REPLICATE:
-                continue
-            if group:
-                split(k, dst[k], old, group)
-            else:
-                dst[k].copy_(old)
-    return out
 
 
 def merge(

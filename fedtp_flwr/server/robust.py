@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 import fedtp_flwr.server.aggregation as aggregation
-from fedtp_flwr.model.rows import row_slices, rows_per_block
 from fedtp_flwr.compat import trim_mean
 from fedtp_flwr.config import ROBUST_RULES
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.quant import QTensor
+from fedtp_flwr.model.rows import row_slices, rows_per_block
 from fedtp_flwr.model.context import adapter_pairs, adapter_target, adapter_update_sq_norm
 from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
 
-from .aggregation import Contribution, blocks, delta_rows, merge_by_plan
+from .aggregation import Contribution, blocks, delta_rows
 from .spill import SpilledState
 
 
@@ -131,6 +131,32 @@ def _rows(state: Mapping[str, torch.Tensor], k: str, a: int, b: int) -> torch.Te
 
 def _shape(state: Mapping[str, torch.Tensor], k: str) -> tuple[int, ...]:
     return tuple(state.shape(k) if isinstance(state, SpilledState) else state[k].shape)
+
+
+def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution], args: ModelArgs,
+                  world_size: int, vocab_parallel: bool, replicated, split) -> dict[str, torch.Tensor]:
+    """The robust merge's walk: `replicated(name)` gives a replicated parameter's new value; each split
+    parameter is allocated once and `split(name, dst, old, group)` writes each trained rank's block into `dst`
+    (a view from `shard`) from the rank's replies; a rank nobody trained keeps `old`. (The weighted mean is a
+    running fold instead, aggregation.WeightedFold: an order statistic needs every reply's block at once.)"""
+    out = {}
+    for k, old in global_state.items():  # the global model's key order (Flower's FedAvgM pairs arrays by position)
+        if rule_for(k, vocab_parallel) is REPLICATE:
+            out[k] = replicated(k).to(old.dtype)
+        else:
+            out[k] = torch.empty(old.shape, dtype=old.dtype)
+    for rank in range(world_size):
+        group = [c for c in contributions if c.rank == rank]
+        dst = shard(out, args, rank, world_size, vocab_parallel)  # views into `out`
+        src = shard(global_state, args, rank, world_size, vocab_parallel)
+        for k, old in src.items():
+            if rule_for(k, vocab_parallel) is REPLICATE:
+                continue
+            if group:
+                split(k, dst[k], old, group)
+            else:
+                dst[k].copy_(old)
+    return out
 
 
 def robust_aggregate_slices(global_state: Mapping[str, torch.Tensor], contributions: Sequence[Contribution],
