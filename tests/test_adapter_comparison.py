@@ -39,14 +39,16 @@ def test_held_out_files_alternate_between_validation_and_test(tmp_path):
     assert "".join(chunks) == "x = 1\n" * 1000 and all(len(c) <= ac.CHUNK_CHARS + 6 for c in chunks)
 
 
-def test_equal_time_share_reads_the_other_curve_at_the_same_client_seconds():
+def test_share_at_budget_reads_the_other_curve_at_the_same_client_seconds_or_bytes():
     s = {"ctx": {"client_seconds_per_round": 2.0, "rounds": 3, "val_loss_share_per_round": []},
          "lora": {"client_seconds_per_round": 4.0, "rounds": 3,
                   "val_loss_share_per_round": [{"mean": 0.5}, {"mean": 0.8}, {"mean": 0.9}]}}
     s["ctx"]["val_loss_share_per_round"] = [{"mean": 0.1}] * 3
-    assert ac._equal_time_share(s, "lora", "ctx") == pytest.approx(0.65)  # 6 s = 1.5 rounds of lora
+    assert ac._share_at_budget(s, "lora", "ctx", "client_seconds_per_round") == pytest.approx(0.65)  # 1.5 rounds
     s["lora"]["client_seconds_per_round"] = 1.0  # 6 rounds: beyond its 3
-    assert ac._equal_time_share(s, "lora", "ctx") is None
+    assert ac._share_at_budget(s, "lora", "ctx", "client_seconds_per_round") is None
+    s["ctx"]["mb_per_round"], s["lora"]["mb_per_round"] = 1.0, 6.0  # ctx's 3 MB: half a round of lora, from 0
+    assert ac._share_at_budget(s, "lora", "ctx", "mb_per_round") == pytest.approx(0.25)
 
 
 @pytest.mark.slow
