@@ -82,7 +82,10 @@ def decode(record: ArrayRecord, wire_dtype: str = "float32", dtype: torch.dtype 
     for name, array in record.items():
         if array.dtype != expected:
             raise ValueError(f"array {name!r} has dtype {array.dtype}, expected {expected} for wire dtype {wire_dtype}")
-        view = _npy_view(array)
+        try:
+            view = _npy_view(array)
+        except ValueError as e:
+            raise ValueError(f"array {name!r}: {e}") from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy view is read-only
             t = torch.from_numpy(view)

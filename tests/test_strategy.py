@@ -1,5 +1,6 @@
 """The tensor-parallel Strategy driven directly with mock Messages (no grid, no Flower run)."""
 
+import io
 import re
 
 import numpy as np
@@ -193,6 +194,21 @@ def _bad_replies(msgs):
     no_metrics = trained_reply(m, 1)[0]
     del no_metrics.content["metrics"]
     bad["no-metrics"] = no_metrics
+    bad["fractional-examples"] = trained_reply(m, 1, num_examples=1867.5)[0]
+    list_metric = trained_reply(m, 1)[0]
+    list_metric.content["metrics"]["train-loss"] = [1.0, 2.0]
+    bad["list-metric"] = list_metric
+    # an extra MetricRecord first: Flower's aggregation would read its weight from it
+    content = trained_reply(m, 1)[0].content
+    bad["extra-records"] = Message(RecordDict({"extra": MetricRecord({"train-loss": [1.0]}), **dict(content.items()),
+                                               "more": ConfigRecord({"x": "y"})}), reply_to=m)
+    # declared float32, but the .npy header says int32 (the same bytes read as ~1e9 integers)
+    relabelled = trained_reply(m, 1)[0]
+    arrays = relabelled.content["arrays"]
+    buf = io.BytesIO()
+    np.save(buf, arrays[k].numpy().view(np.int32))
+    arrays[k] = Array(dtype="float32", shape=tuple(arrays[k].shape), stype="numpy.ndarray", data=buf.getvalue())
+    bad["npy-header"] = relabelled
     return bad
 
 
@@ -210,6 +226,11 @@ BAD_REPLY_REASONS = {
     "nan-examples": r"num-examples must be an integer in \[1, \d+\] \(max-num-examples\), got nan",
     "dtype": r"layers\.0\.attention\.wq\.weight: dtype float64, expected float32",
     "no-metrics": r"records \['arrays'\], expected exactly \['arrays', 'metrics'\]",
+    "fractional-examples": r"num-examples must be an integer in \[1, \d+\] \(max-num-examples\), got 1867\.5",
+    "list-metric": r"metric 'train-loss' must be a finite number",
+    "extra-records": r"records \['arrays', 'extra', 'metrics', 'more'\], expected exactly \['arrays', 'metrics'\]",
+    "npy-header": r"array 'layers\.0\.attention\.wq\.weight': the \.npy header's dtype <i4 differs from the "
+                  r"declared dtype float32",
 }
 
 

@@ -4,15 +4,18 @@ Most tests run server.run over the in-process grid: three nodes at world size 2,
 1) replying as an attacker every round. Each attack must be rejected with a log line naming the node and
 the reason, or neutralised; the run completes all rounds, and its final held-out loss is within 1% of the
 same run in which node 3's reply is an error (dropped).
+
+Each kind of malformed reply (non-finite values, wrong keys, shapes or dtypes, a .npy header that lies, a
+fractional or absent weight, list-valued metrics, extra records) is dropped with its own reason in the quick
+table of tests/test_strategy.py (BAD_REPLY_REASONS); the whole runs here are the attacks that need a run: the
+outlier check (three replies), weights, the merged-model guard, duplicates, evaluation replies, robust merges.
 """
 
-import io
 import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedMedian, FedTrimmedAvg
 
 try:
@@ -90,47 +93,6 @@ def test_huge_finite_values_are_dropped_as_an_outlier(tmp_path, caplog, without_
 def test_astronomical_num_examples_is_refused(tmp_path, caplog, without_attacker):
     history = attacked(tmp_path, lambda r, m: with_metrics(with_arrays(r, m, noise(1.0)), m, **{"num-examples": 10**12}))
     assert dropped(caplog, "num-examples must be an integer in [1, 100000000]")
-    assert_as_good_as_without_the_attacker(history, without_attacker)
-
-
-@pytest.mark.slow
-def test_fractional_num_examples_is_refused(tmp_path, caplog):
-    attacked(tmp_path, lambda r, m: with_metrics(r, m, **{"num-examples": 1867.5}))
-    assert dropped(caplog, "got 1867.5")
-
-
-@pytest.mark.slow
-def test_a_list_where_a_metric_is_a_number_cannot_crash_the_server(tmp_path, caplog, without_attacker):
-    history = attacked(tmp_path, lambda r, m: with_metrics(r, m, **{"train-loss": [1.0, 2.0]}))
-    assert dropped(caplog, "metric 'train-loss' must be a finite number")
-    assert_as_good_as_without_the_attacker(history, without_attacker)
-
-
-@pytest.mark.slow
-def test_extra_records_are_refused_and_never_reach_metric_aggregation(tmp_path, caplog, without_attacker):
-    def extra(reply, msg):  # an extra MetricRecord first: Flower's aggregation would read its weight from it
-        content = RecordDict({"extra": MetricRecord({"train-loss": [1.0]}), **dict(reply.content.items()),
-                              "more": ConfigRecord({"x": "y"})})
-        return Message(content, reply_to=msg)
-
-    history = attacked(tmp_path, extra)
-    assert dropped(caplog, "expected exactly ['arrays', 'metrics']")
-    assert_as_good_as_without_the_attacker(history, without_attacker)
-
-
-@pytest.mark.slow
-def test_npy_header_dtype_that_differs_from_the_declared_dtype_is_refused(tmp_path, caplog, without_attacker):
-    """Declared float32, but the .npy header says int32 (the same bytes read as ~1e9 integers)."""
-    def relabel(reply, msg):
-        arrays = ArrayRecord()
-        for k, a in reply.content["arrays"].items():
-            buf = io.BytesIO()
-            np.save(buf, a.numpy().view(np.int32))
-            arrays[k] = Array(dtype="float32", shape=tuple(a.shape), stype="numpy.ndarray", data=buf.getvalue())
-        return with_content(reply, msg, arrays=arrays)
-
-    history = attacked(tmp_path, relabel)
-    assert dropped(caplog, "the .npy header's dtype <i4 differs from the declared dtype float32")
     assert_as_good_as_without_the_attacker(history, without_attacker)
 
 
