@@ -500,7 +500,7 @@ def main(argv=None) -> dict:
                  + " (" + ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float)) + ")"
                  for c, ts in doc["targets"].items() for goal, t in ts.items()]
         out.with_suffix(".md").write_text("# Rest adapters vs FedAvg vs federated LoRA (bench/adapter_comparison.py)\n"
-                                          + "\n".join(tables) + "\n\nTargets (issue 21):\n\n" + "\n".join(lines) + "\n")
+                                          + "\n".join(tables) + "\n\nTargets (issues 21 and 23):\n\n" + "\n".join(lines) + "\n")
 
     for corpus in a.corpus_list:
         su = corpus_setup(a, corpus)
