@@ -16,7 +16,7 @@ from fedtp_flwr.data.files import FORMATS as DATA_FORMATS
 from fedtp_flwr.data.partition import SCHEMES
 from fedtp_flwr.model.quant import BITS
 from fedtp_flwr.training.settings import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS, SettingError, TrainSettings
-from fedtp_flwr.wire import WIRE_DTYPES
+from fedtp_flwr.wire import DELTA_GROUP, WIRE_DTYPES
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
@@ -61,8 +61,8 @@ class RunConfig:
     min_available_nodes: int = _key("min-available-nodes", 2, "nodes to wait for before a round starts", minimum=1, resume_may_differ=True)
     round_timeout: float = _key("round-timeout", 3600.0, "seconds to wait for replies in a round", minimum=0.0, exclusive_min=True, resume_may_differ=True)
     round_quorum: float = _key("round-quorum", 1.0, "end a round early once this fraction of its sampled nodes answered and every rank has a valid reply; later replies are dropped (1: wait for every node or round-timeout)", minimum=0.0, exclusive_min=True, advanced=True)
-    upload_codec: str = _key("upload-codec", "weights", "what a client uploads of its slice: the trained weights in wire-dtype, or the update (trained - received) as blockwise absmax int8 / int4 with stochastic rounding, 128 values per float32 scale (about 1/4 / 1/8 of float32), decoded by the server block by block into the same merge", choices=UPLOAD_CODECS)
-    download_codec: str = _key("download-codec", "wire", "how the server sends a client its slice: in wire-dtype, or blockwise absmax int8 / int4 (128 values per float32 scale); the client trains from the dequantized slice and uploads its update, which the server adds to its float32 master (needs an upload-codec delta)", choices=DOWNLOAD_CODECS)
+    upload_codec: str = _key("upload-codec", "weights", "what a client uploads of its slice: the trained weights in wire-dtype, or the update (trained - received) as blockwise absmax int8 / int4 with stochastic rounding, " f"{DELTA_GROUP} values per float32 scale (about 1/4 / 1/8 of float32), decoded by the server block by block into the same merge", choices=UPLOAD_CODECS)
+    download_codec: str = _key("download-codec", "wire", "how the server sends a client its slice: in wire-dtype, or blockwise absmax int8 / int4 (" f"{DELTA_GROUP} values per float32 scale); the client trains from the dequantized slice and uploads its update, which the server adds to its float32 master (needs an upload-codec delta)", choices=DOWNLOAD_CODECS)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
     context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)

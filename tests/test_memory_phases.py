@@ -13,8 +13,8 @@ from fedtp_flwr.server import memory
 
 
 def test_each_phase_has_its_own_peak_and_the_overall_peak_is_kept(monkeypatch):
-    # VmHWM as the kernel would report it: 1.0 GB at start, 3.0 GB after the first phase, reset to RSS (1.2 GB)
-    # at each mark, 1.5 GB after the second phase, then 1.3 GB at the end
+    # VmHWM as the kernel would report it (each mark resets it to the RSS of that moment): 1.0 GB at start,
+    # 3.0 GB at the end of the first phase, 1.5 GB at the end of the second, 1.3 GB when overall() reads it
     readings = iter([1.0e9, 3.0e9, 1.5e9, 1.3e9])
     resets = []
     monkeypatch.setattr(memory, "status_bytes", lambda field, pid="self": next(readings))
