@@ -26,7 +26,7 @@ Two methods, checked against each other:
 `--stream` additionally serializes every tensor of one 3B slice (W=2, bfloat16) one at a time, freeing as
 it goes: a third, independent count at 3B scale.
 
-    python bench/communication.py                 # ~1-2 min, < 4 GB of memory
+    python bench/communication.py                 # ~10 min, < 10 GB of memory (the 70B's embedding)
     python bench/communication.py --quick         # tiny model only (used by the tests)
 """
 
@@ -126,15 +126,15 @@ def shape_class_stats(shape: tuple[int, ...], wire_dtype: str) -> dict[str, int]
 
 @lru_cache(maxsize=None)
 def raw_class_stats(shape: tuple[int, ...], numpy_dtype: str) -> dict[str, int]:
-    """array_stats of a real Array of this shape and numpy dtype (random values / bytes), as Flower deflates it."""
+    """array_stats of a real Array of this shape and numpy dtype, as Flower deflates it. Its bytes are random (no
+    two 5 MiB chunks alike, as with trained weights): what Flower sends depends on the bytes' count, the shape and
+    the dtype, not on the values, and random bytes cost one copy (the 70B's 2.1 GB embedding fits here)."""
     import numpy as np
 
-    g = np.random.default_rng(hash((shape, numpy_dtype)) % 2**31)
-    if numpy_dtype.startswith(("int", "uint")):
-        data = g.integers(0, 128, size=shape, dtype=np.dtype(numpy_dtype))
-    else:
-        data = g.standard_normal(size=shape).astype(np.dtype(numpy_dtype))
-    return array_stats(Array(data))
+    dtype = np.dtype(numpy_dtype)
+    g = np.random.default_rng(abs(hash((shape, numpy_dtype))) % 2**31)
+    array = Array(np.frombuffer(g.bytes(_numel(shape) * dtype.itemsize), dtype=dtype).reshape(shape))
+    return array_stats(array)  # the random bytes are freed once the Array holds its .npy copy
 
 
 def _add(a: dict, b: dict, sign: int = 1) -> dict:
@@ -321,6 +321,63 @@ def recipe_rows(world_sizes) -> tuple[list[dict], dict[str, float]]:
     return rows, recipe_gb
 
 
+# ------------------------------------------------ every layout x codec, 3B / 8B / 70B, and federated LoRA r16
+
+MATRIX_MODELS = "llama3.2-3b,llama3.1-8b,llama3.1-70b"
+# what a client receives and sends, on top of the 3B W=2 small-GPU recipe's keys (bf16 wire, int4 frozen rest in
+# groups of 128, rank-16 rest adapters in context mode)
+LAYOUTS = {
+    "independent": {"slice-mode": "independent", "rest-adapter-rank": 0, "vocab-parallel": False},
+    "context": {"slice-mode": "context", "vocab-parallel": False},
+    "context + vocabulary rows": {"slice-mode": "context", "vocab-parallel": True},
+}
+CODECS = {  # the same precision both ways: up the weights or the update, down the slice
+    "bf16": {"upload-codec": "weights", "download-codec": "wire"},
+    "int8": {"upload-codec": "int8-delta", "download-codec": "int8"},
+    "int4": {"upload-codec": "int4-delta", "download-codec": "int4"},
+}
+LORA_RANK = 16
+LORA_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def lora_shapes(args: ModelArgs, rank: int) -> dict[str, tuple[int, int]]:
+    """Federated LoRA on every linear of every block (FlowerTune's and this project's LoRA baseline): A [rank, in]
+    and B [out, rank] per weight [out, in] of the model's own state dict."""
+    out = {}
+    for name, shape in _full_shapes(args).items():
+        if name.startswith("layers.") and name.removesuffix(".weight").split(".", 2)[2] in LORA_TARGETS:
+            out[f"{name}:lora_A"], out[f"{name}:lora_B"] = (rank, shape[1]), (shape[0], rank)
+    return out
+
+
+def matrix_rows(models, world_sizes) -> list[dict]:
+    """Bytes per client per round (objects + framing of every Array, by shape classes) for each model, W, layout and
+    codec, and federated LoRA r16 in bf16 (W = 1: every client holds the whole frozen model)."""
+    import tomllib
+
+    base = tomllib.loads((_common.REPO_ROOT / "configs" / "llama32-3b-small-gpu-w2.toml").read_text())
+    rows = []
+    for name in models:
+        args = _common.model_args(name)
+        for w in [w for w in world_sizes if w in valid_world_sizes(args)]:
+            for layout, layout_keys in LAYOUTS.items():
+                if w == 1 and layout != "independent":
+                    continue  # W=1 is FedAvg: no rest, no vocabulary split
+                for codec, codec_keys in CODECS.items():
+                    cfg = RunConfig.from_run_config({**base, **layout_keys, **codec_keys, "world-size": w})
+                    r = recipe_round(args, cfg)
+                    rows.append({"model": name, "world_size": w, "layout": "FedAvg" if w == 1 else layout,
+                                 "codec": codec, **r})
+        shapes = lora_shapes(args, LORA_RANK)
+        one_way = sum((raw_class_stats(s, "int16")["objects"] + raw_class_stats(s, "int16")["framing"])
+                      for s in shapes.values())
+        rows.append({"model": name, "world_size": 1, "layout": f"federated LoRA r{LORA_RANK}", "codec": "bf16",
+                     "params": sum(_numel(s) for s in shapes.values()), "down": one_way, "up": one_way,
+                     "total": 2 * one_way})
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llama3.2-3b,llama3.2-1b", help="presets counted by shape classes")
@@ -332,10 +389,13 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="the tiny bench model only: the dry run of the tests")
     p.add_argument("--recipes", action=argparse.BooleanOptionalAction, default=True,
                    help="the 3B small-GPU recipes' bytes per round with each codec (~1 min)")
+    p.add_argument("--matrix-models", default=MATRIX_MODELS,
+                   help="models for the table of every layout x codec and federated LoRA r16 ('' to skip)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/communication.json)")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.check_models, a.stream, a.recipes = "bench-tiny", "bench-tiny", False, False
+        a.matrix_models = "bench-tiny"
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategy logs every message it builds
     _set_identity()
     world_sizes = [int(w) for w in a.world_sizes.split(",")]
@@ -429,6 +489,16 @@ def main(argv=None) -> dict:
                       title="Llama 3.2 3B small-GPU recipes (configs/llama32-3b-small-gpu-w*.toml): bytes per client "
                             "per round, serialized by Flower (shape classes), with each codec option")
 
+    # 5. Every layout x codec for the 3B, 8B and 70B, and federated LoRA r16.
+    matrix = matrix_rows([m for m in a.matrix_models.split(",") if m], world_sizes)
+    for name in dict.fromkeys(r["model"] for r in matrix):
+        _common.table(["W", "layout", "codec", "down GB", "up GB", "total GB", "at 100 Mbit/s"],
+                      [[r["world_size"], r["layout"], r["codec"], f"{r['down'] / 1e9:.3f}", f"{r['up'] / 1e9:.3f}",
+                        f"{r['total'] / 1e9:.3f}", f"{r['total'] * 8 / 100e6 / 60:.1f} min"]
+                       for r in matrix if r["model"] == name],
+                      title=f"{name}: bytes per client per round, each direction, serialized by Flower (shape classes); "
+                            "codec = the slice down and the update (bf16: the weights) up")
+
     worst = max([c["wire_over_analytic"] for c in checks] + [max(r["down_over_analytic"], r["up_over_analytic"])
                                                               for r in rows])
     summary = {"max_wire_over_analytic": worst, "aim": "serialized bytes within 1% of the analytic slice size",
@@ -438,7 +508,7 @@ def main(argv=None) -> dict:
     print(f"\nworst wire/analytic ratio: {worst:.6f} (aim <= 1.01: {'met' if summary['aim_met'] else 'MISSED'}); "
           f"shape-class count vs whole messages: max |difference| {summary['max_abs_shape_class_minus_full']} B")
     result = {"method": __doc__.split("\n\n")[1:4], "checks": checks, "rows": rows, "stream": stream,
-              "summary": summary, "recipes": recipes, "3b_recipe_round_gb": recipe_gb}
+              "summary": summary, "recipes": recipes, "3b_recipe_round_gb": recipe_gb, "matrix": matrix}
     _common.write_results("communication", result, a.out)
     return result
 

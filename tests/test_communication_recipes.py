@@ -42,3 +42,15 @@ def test_recipe_arrays_are_the_arrays_of_real_messages(server_identity, opts):
     counted = communication.recipe_arrays(ARGS, cfg)
     assert counted["down"] == _listed(msg.content, ("arrays", "context"))
     assert counted["up"] == _listed(reply, ("arrays", "delta"))
+
+
+def test_lora_r16_counts_a_and_b_of_every_linear_of_the_3b():
+    from fedtp_flwr.model import preset_args
+
+    shapes = communication.lora_shapes(preset_args("llama3.2-3b"), 16)
+    assert len(shapes) == 28 * 7 * 2  # wq wk wv wo w1 w2 w3, A and B, 28 blocks
+    assert shapes["layers.0.attention.wk.weight:lora_A"] == (16, 3072)
+    assert shapes["layers.0.attention.wk.weight:lora_B"] == (1024, 16)
+    assert shapes["layers.0.feed_forward.w2.weight:lora_A"] == (16, 8192)
+    # 16 x (in + out) per linear: 28 x 16 x (2 x 6144 + 2 x 4096 + 3 x 11264)
+    assert sum(a * b for a, b in shapes.values()) == 28 * 16 * (2 * 6144 + 2 * 4096 + 3 * 11264) == 24_313_856

@@ -133,6 +133,16 @@ def test_3b_parameter_count_and_fractions(meta_3b):
     assert round(100 * split_fraction(preset_args("llama3.2-3b")), 2) == 78.15
 
 
+@pytest.mark.parametrize("name, params, hidden", [("llama3.1-8b", 8_030_261_248, 14336),
+                                                   ("llama3.1-70b", 70_553_706_496, 28672)])
+def test_llama31_presets_have_metas_parameter_counts(name, params, hidden):
+    # Meta's published counts; the FFN width comes from ffn_dim_multiplier 1.3 and multiple_of (1024 / 4096)
+    args = preset_args(name)
+    with torch.device("meta"):
+        sd = Transformer(args).state_dict()
+    assert (args.hidden_dim, sum(t.numel() for t in sd.values())) == (hidden, params)
+
+
 def test_3b_on_meta_allocates_nothing(meta_3b):
     assert all(p.is_meta for p in meta_3b.parameters())
     assert all(b.is_meta for b in meta_3b.buffers())

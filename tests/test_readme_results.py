@@ -32,3 +32,20 @@ def test_readme_bytes_per_round_table_is_communication_json():
         rows.setdefault(r["world_size"], []).append(f"{r['total'] / 1e9:.2f} GB ({r['total'] * 8 / 100e6 / 60:.1f} min)")
     for w, cells in rows.items():
         assert f"| {w} | " + " | ".join(cells) + " |" in readme, w
+
+
+def test_readme_layout_and_codec_table_is_communication_json():
+    import json
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    matrix = json.loads((ROOT / "bench" / "results" / "communication.json").read_text(encoding="utf-8"))["matrix"]
+    models = ("llama3.2-3b", "llama3.1-8b", "llama3.1-70b")
+    keys = dict.fromkeys((r["world_size"], r["layout"]) for r in matrix)
+    assert len(keys) == 11 and {r["model"] for r in matrix} == set(models)
+    for w, layout in keys:
+        cells = []
+        for model in models:
+            gb = {r["codec"]: f"{r['total'] / 1e9:.2f}" for r in matrix
+                  if (r["model"], r["world_size"], r["layout"]) == (model, w, layout)}
+            cells.append(" / ".join(gb[c] for c in ("bf16", "int8", "int4") if c in gb))
+        assert f"| {w} | {layout} | " + " | ".join(cells) + " |" in readme, (w, layout)

@@ -110,6 +110,18 @@ PRESETS: dict[str, dict] = {
         ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
         max_seq_len=131072,
     ),
+    # Llama 3.1 8B and 70B (Meta's params.json; 8,030,261,248 and 70,553,706,496 parameters): used by the
+    # benchmarks that count bytes and memory at larger scales (bench/communication.py); W in 1, 2, 4, 8.
+    "llama3.1-8b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, rope_scale_factor=8.0,
+        max_seq_len=131072,
+    ),
+    "llama3.1-70b": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, rope_scale_factor=8.0,
+        max_seq_len=131072,
+    ),
     # Small CPU flavor for demos and tests: same architecture and tokenizer, W in 1, 2, 4.
     "llama3.2-tiny": dict(
         dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=128256, multiple_of=32,
