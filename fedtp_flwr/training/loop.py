@@ -331,81 +331,26 @@ def train_local(
     (non-ignored target tokens), num_examples (sequences), steps, seconds, tokens_per_second.
     """
     device = _model_device(model)
-    amp_dtype = autocast_dtype(settings.precision, device)
-    in_backward = optimizer is None and settings.optimizer_in_backward
-    if optimizer is None:
-        optimizer = InBackwardOptimizer(model, settings) if in_backward else make_optimizer(model, settings)
-    params = _optimizer_params(optimizer)
-    pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
-    if settings.proximal_mu > 0:
-        if prox_reference is None:
-            named = {id(p): n for n, p in model.named_parameters()}
-            prox_reference = {named[id(p)]: p.detach().clone() for p in params}
-        pairs = _prox_pairs(model, params, prox_reference)
-        if in_backward:  # added in each parameter's hook, before its step
-            optimizer.prox, optimizer.mu, pairs = dict(pairs), settings.proximal_mu, []
-    clip = settings.max_grad_norm or 0.0
-    was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", False)
-    model.train()
-    if hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = settings.gradient_checkpointing
-
+    amp_dtype = autocast_dtype(settings.precision, device)  # checked before any hook is registered
+    setup = _setup_optimizer(model, settings, optimizer, prox_reference)
+    stepper = _Stepper(model, settings, device, amp_dtype, *setup)
     total_nll, total_tokens, total_examples = 0.0, 0, 0
     rng_devices = []  # CUDA generators to fork besides the CPU one
     if device.type == "cuda":
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     start = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(settings.seed)
-            hide = None if settings.progress is None else not settings.progress  # None: tqdm shows it on a tty only
-            bar = tqdm(range(settings.local_steps), desc="local training", disable=hide, leave=False)
-            for step in bar:  # the bar closes itself when the loop ends or raises
-                micro = [_next_batch(batches, step, i, settings) for i in range(settings.grad_accum_steps)]
-                step_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)
-                if step_tokens == 0:
-                    raise ValueError(f"local step {step + 1}: its micro-batches hold no target tokens (all padding)")
-                lr = lr_at(step, settings)
-                set_lr(optimizer, lr)
-                model.zero_grad(set_to_none=True)
-                step_nll = torch.zeros((), device=device)
-                for inputs, targets in micro:
-                    inputs = inputs.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    nll = _loss(model, inputs, targets, device, amp_dtype, settings.loss_chunk_tokens)
-                    if in_backward and not math.isfinite(nll.item()):  # backward would step the weights
-                        raise FloatingPointError(
-                            f"non-finite training loss at local step {step + 1}/{settings.local_steps}; the "
-                            "weights were not updated. Try a lower learning_rate or precision='fp32'.")
-                    (nll / step_tokens).backward()
-                    step_nll += nll.detach()
-                    total_examples += inputs.shape[0]
-                if pairs:
-                    add_proximal_grad(pairs, settings.proximal_mu)
-                no_clip = torch.zeros((), device=device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else no_clip
-                nll_value, norm_value = torch.stack([step_nll, grad_norm.to(step_nll)]).tolist()  # one sync a step
-                if not (math.isfinite(nll_value) and math.isfinite(norm_value)):
-                    raise FloatingPointError(
-                        f"non-finite training loss or gradient at local step {step + 1}/{settings.local_steps} "
-                        f"(mean loss {nll_value / step_tokens}, grad norm {norm_value}, lr {lr:.3g}); the weights "
-                        "were not updated. Try a lower learning_rate, precision='fp32' or max_grad_norm > 0."
-                    )
-                optimizer.step()
-                total_nll += nll_value
-                total_tokens += step_tokens
-                bar.set_postfix(loss=f"{nll_value / step_tokens:.4f}", lr=f"{lr:.2e}")
-    finally:
-        if in_backward:
-            optimizer.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-        if hasattr(model, "gradient_checkpointing"):
-            model.gradient_checkpointing = was_checkpointing
+    with _training_mode(model, settings.gradient_checkpointing, stepper), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(settings.seed)
+        hide = None if settings.progress is None else not settings.progress  # None: tqdm shows it on a tty only
+        bar = tqdm(range(settings.local_steps), desc="local training", disable=hide, leave=False)
+        for step in bar:  # the bar closes itself when the loop ends or raises
+            micro = [_next_batch(batches, step, i, settings) for i in range(settings.grad_accum_steps)]
+            nll, tokens, examples, lr = stepper.step(step, micro)
+            total_nll, total_tokens, total_examples = total_nll + nll, total_tokens + tokens, total_examples + examples
+            bar.set_postfix(loss=f"{nll / tokens:.4f}", lr=f"{lr:.2e}")
     seconds = time.perf_counter() - start
-    loss = total_nll / total_tokens
     return {
-        "train_loss": loss,
+        "train_loss": total_nll / total_tokens,
         "train_perplexity": perplexity(total_nll, total_tokens),
         "num_tokens": total_tokens,
         "num_examples": total_examples,
@@ -413,6 +358,92 @@ def train_local(
         "seconds": seconds,
         "tokens_per_second": total_tokens / seconds if seconds > 0 else float("inf"),
     }
+
+
+def _setup_optimizer(model: nn.Module, settings: TrainSettings, optimizer, prox_reference):
+    """-> (optimizer, its parameters, FedProx (param, reference) pairs added after backward, in_backward).
+    The default optimizer is a fresh one (stepped inside backward with optimizer-in-backward); with FedProx
+    and a step in backward, the proximal term goes into each parameter's hook instead of the pairs."""
+    in_backward = optimizer is None and settings.optimizer_in_backward
+    if optimizer is None:
+        optimizer = InBackwardOptimizer(model, settings) if in_backward else make_optimizer(model, settings)
+    params = _optimizer_params(optimizer)
+    pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if settings.proximal_mu > 0:
+        if prox_reference is None:  # the weights as received
+            named = {id(p): n for n, p in model.named_parameters()}
+            prox_reference = {named[id(p)]: p.detach().clone() for p in params}
+        pairs = _prox_pairs(model, params, prox_reference)
+        if in_backward:  # added in each parameter's hook, before its step
+            optimizer.prox, optimizer.mu, pairs = dict(pairs), settings.proximal_mu, []
+    return optimizer, params, pairs, in_backward
+
+
+class _training_mode:
+    """Train mode and the run's gradient checkpointing for the loop; afterwards (also on an error) the step-in-
+    backward hooks are removed, the gradients freed and the model's modes restored."""
+
+    def __init__(self, model: nn.Module, gradient_checkpointing: bool, stepper: "_Stepper"):
+        self.model, self.checkpointing, self.stepper = model, gradient_checkpointing, stepper
+
+    def __enter__(self):
+        m = self.model
+        self.was_training, self.was_checkpointing = m.training, getattr(m, "gradient_checkpointing", False)
+        m.train()
+        if hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = self.checkpointing
+
+    def __exit__(self, *exc):
+        if self.stepper.in_backward:
+            self.stepper.optimizer.remove()
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(self.was_training)
+        if hasattr(self.model, "gradient_checkpointing"):
+            self.model.gradient_checkpointing = self.was_checkpointing
+        return False
+
+
+class _Stepper:
+    """One optimizer step over a step's micro-batches (see train_local for the token weighting)."""
+
+    def __init__(self, model, settings: TrainSettings, device, amp_dtype, optimizer, params, pairs, in_backward: bool):
+        self.model, self.settings, self.device, self.amp_dtype = model, settings, device, amp_dtype
+        self.optimizer, self.params, self.pairs, self.in_backward = optimizer, params, pairs, in_backward
+
+    def step(self, step: int, micro: list) -> tuple[float, int, int, float]:
+        """-> (summed NLL, target tokens, sequences, learning rate) of local step `step` (0-based)."""
+        s, model, device = self.settings, self.model, self.device
+        step_tokens = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro)
+        if step_tokens == 0:
+            raise ValueError(f"local step {step + 1}: its micro-batches hold no target tokens (all padding)")
+        lr = lr_at(step, s)
+        set_lr(self.optimizer, lr)
+        model.zero_grad(set_to_none=True)
+        step_nll, examples = torch.zeros((), device=device), 0
+        for inputs, targets in micro:
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            nll = _loss(model, inputs, targets, device, self.amp_dtype, s.loss_chunk_tokens)
+            if self.in_backward and not math.isfinite(nll.item()):  # backward would step the weights
+                raise FloatingPointError(
+                    f"non-finite training loss at local step {step + 1}/{s.local_steps}; the "
+                    "weights were not updated. Try a lower learning_rate or precision='fp32'.")
+            (nll / step_tokens).backward()
+            step_nll += nll.detach()
+            examples += inputs.shape[0]
+        if self.pairs:
+            add_proximal_grad(self.pairs, s.proximal_mu)
+        clip = s.max_grad_norm or 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip > 0 else torch.zeros((), device=device)
+        nll_value, norm_value = torch.stack([step_nll, grad_norm.to(step_nll)]).tolist()  # one sync a step
+        if not (math.isfinite(nll_value) and math.isfinite(norm_value)):
+            raise FloatingPointError(
+                f"non-finite training loss or gradient at local step {step + 1}/{s.local_steps} "
+                f"(mean loss {nll_value / step_tokens}, grad norm {norm_value}, lr {lr:.3g}); the weights "
+                "were not updated. Try a lower learning_rate, precision='fp32' or max_grad_norm > 0."
+            )
+        self.optimizer.step()
+        return nll_value, step_tokens, examples, lr
 
 
 def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
