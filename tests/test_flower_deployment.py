@@ -3,14 +3,14 @@
 Each SuperNode gets its own local data through `--node-config 'data-path="..."'` (a few hundred lines of one
 play of the built-in corpus); runs go through `flwr run <app> <connection> --stream`. Covered (issue 5):
 
-- two SuperNodes train on their own data; the outputs are written; everything stops (the times are
-  printed, not asserted: they depend on the machine's load);
-- TLS (certificates made here) and SuperNode authentication: registered nodes train, a node whose key was
-  never registered cannot join and receives no slice;
+- SuperNodes train on their own data, the outputs are written, everything stops (the times are printed, not
+  asserted: they depend on the machine's load), and, in the same run, a reply that comes after its round
+  ended (round-quorum) is removed from the SuperLink unread;
 - faults in one federation: a ClientApp that raises (invalid JSON in its data file) and a SuperNode killed
   mid-round (SIGKILL, with its ClientApp) do not stop the run; the log names both nodes and why, and a rank
   nobody returned keeps its previous values;
-- a reply that comes after its round ended (round-quorum) is removed from the SuperLink unread.
+- a ClientApp that adds noise to its update is dropped as an outlier.
+TLS and SuperNode authentication are tested once, by tests/test_deployment_docs.py running the guide as written.
 
 fedtp_flwr/flower_harness.py starts and stops the processes (none may be left behind: conftest.py's
 no_leftover_processes). The tests that start processes are marked slow.
@@ -30,9 +30,9 @@ import torch
 from fedtp_flwr.testing import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_simulation.py
-    from conftest import APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks, small_config
+    from conftest import APP_DIR, WORLD_SIZE, check_outputs, client_lines, node_ranks, small_config
 except ImportError:  # collected as a package
-    from tests.conftest import APP_DIR, WORLD_SIZE, check_outputs, check_slices, client_lines, node_ranks, small_config  # type: ignore
+    from tests.conftest import APP_DIR, WORLD_SIZE, check_outputs, client_lines, node_ranks, small_config  # type: ignore
 
 from fedtp_flwr.model import build_model, preset_args
 from fedtp_flwr.model.sharding import is_split, shard
@@ -80,42 +80,6 @@ def node_id(node: fh.ManagedProcess) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- tests
-
-@pytest.mark.slow
-def test_two_supernodes_train_on_their_own_data(tmp_path: Path) -> None:
-    data = write_node_data(tmp_path / "data")
-    out = tmp_path / "outputs"
-    t0 = time.monotonic()
-    with fh.Deployment(workdir=tmp_path / "dep") as dep:
-        nodes = start_nodes(dep, [{"data-path": str(path)} for path, _ in data])
-        t_up = time.monotonic() - t0
-        res = dep.run(APP_DIR, deployment_config(out), timeout_s=240)
-        t_close = time.monotonic()
-    t_end = time.monotonic()
-    print(f"deployment: up in {t_up:.1f} s, flwr run {res.duration_s:.1f} s, shut down in {t_end - t_close:.1f} s, "
-          f"{t_end - t0:.1f} s in all")
-    res.assert_ok()
-    assert dep.survivors == {}
-    assert res.non_loopback_listeners == []
-
-    history = check_outputs(out, rounds=1)
-    assert history[1][2] < history[0][2], history
-
-    ranks = check_slices(res.log_text, "\n".join(n.output for n in nodes), rounds=[1])[1]
-    assert set(ranks) == {node_id(n) for n in nodes}
-    for node, (path, n_examples) in zip(nodes, data):
-        # ClientApp output stays on its SuperNode: the slice of the rank the server gave this node, trained on
-        # this node's own file
-        (line,) = client_lines(node.output)
-        assert line["rank"] == ranks[node_id(node)] and line["round"] == 1, line
-        assert line["examples"] == n_examples and line["device"] == "cpu", line
-        assert f'data-path="{path}"' in node.output  # the command line, first line of its output
-    assert "received the rank" not in res.log_text  # the server's log has no client output
-
-
-# TLS and SuperNode authentication end to end (an unregistered node refused, both registered nodes trained) are
-# tested once, by tests/test_deployment_docs.py running the deployment guide as written.
-
 
 @pytest.mark.slow
 def test_failing_and_killed_clients_do_not_stop_the_run(tmp_path: Path) -> None:
@@ -290,13 +254,20 @@ def test_a_noisy_update_from_a_real_supernode_is_dropped(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_late_reply_is_removed_from_the_superlink_unread(tmp_path: Path) -> None:
+def test_supernodes_train_on_their_own_data_and_a_late_reply_is_removed_unread(tmp_path: Path) -> None:
     """Three SuperNodes, round-quorum 0.6: one node's ClientApp is paused (SIGSTOP) while it trains, so the
     round ends once the other two (one per rank) replied; resumed then, its reply comes after its round.
-    The server names it, never pulls it, and removes it from the SuperLink unread (pull.discard_replies)."""
-    (data_a, _), (data_b, _) = write_node_data(tmp_path / "data")
+    The server names it, never pulls it, and removes it from the SuperLink unread (pull.discard_replies).
+    The same run is the deployment's plain path: each node trains the slice of the rank the server gave it on
+    its own data file, its output stays on its SuperNode, both rounds merge, and every process listens on
+    loopback."""
+    (data_a, n_a), (data_b, n_b) = write_node_data(tmp_path / "data")
+    files = [(data_a, n_a), (data_b, n_b), (data_a, n_a)]
+    out = tmp_path / "outputs"
+    t0 = time.monotonic()
     with fh.Deployment(workdir=tmp_path / "dep") as dep:
-        nodes = start_nodes(dep, [{"data-path": str(p)} for p in (data_a, data_b, data_a)])
+        nodes = start_nodes(dep, [{"data-path": str(p)} for p, _ in files])
+        t_up = time.monotonic() - t0
         # Ranks go 0, 1, 0 in node id order: the node with the largest id shares rank 0 and can be late.
         *fast, slow = sorted(nodes, key=node_id)
         run_over = threading.Event()
@@ -313,17 +284,37 @@ def test_a_late_reply_is_removed_from_the_superlink_unread(tmp_path: Path) -> No
 
         worker = threading.Thread(target=pause_then_resume, daemon=True)
         worker.start()
-        cfg = deployment_config(tmp_path / "outputs", **{"num-server-rounds": 2, "round-quorum": 0.6,
-                                                         "min-available-nodes": 3, "outlier-norm-factor": 0.0})
+        cfg = deployment_config(out, **{"num-server-rounds": 2, "round-quorum": 0.6,
+                                        "min-available-nodes": 3, "outlier-norm-factor": 0.0})
         try:
             res = dep.run(APP_DIR, cfg, timeout_s=300)
         finally:
             run_over.set()
             worker.join(timeout=30)
             dep.signal_clientapps(slow, signal.SIGCONT)
+        t_close = time.monotonic()
+    print(f"deployment: up in {t_up:.1f} s, flwr run {res.duration_s:.1f} s, shut down in "
+          f"{time.monotonic() - t_close:.1f} s")
     assert paused, "the slow node's ClientApp was never found"
     res.assert_ok()
+    assert dep.survivors == {}
+    assert (dep.address, "flower-superlin") in res.listeners and res.non_loopback_listeners == []
+    assert (tmp_path / "dep" / "logs" / "superlink.log").is_file()
     log_text = res.log_text
+    history = check_outputs(out, rounds=2)
+    assert history[2][2] < history[0][2], history
+    assert "received the rank" not in log_text  # the server's log has no client output
+    ranks = node_ranks(log_text)
+    for node, (path, n_examples) in zip(nodes, files):
+        assert f'data-path="{path}"' in node.output  # the command line, first line of its output
+        if node is slow:
+            continue
+        # the slice of the rank the server gave this node in each round, trained on this node's own file
+        lines = client_lines(node.output)
+        assert [ln["round"] for ln in lines] == [1, 2], node.output[-3000:]
+        for ln in lines:
+            assert ln["rank"] == ranks[ln["round"]][node_id(node)], ln
+            assert ln["examples"] == n_examples and ln["device"] == "cpu", ln
     rank = node_ranks(log_text)[1][node_id(slow)]
     assert f"round 1: no reply from node {node_id(slow)} (rank {rank}) before the round ended at round-quorum 0.6" \
         in log_text, log_text[-4000:]

@@ -51,6 +51,10 @@ def test_app_in_simulation_two_nodes_two_rounds(tmp_path: Path) -> None:
     check_slices(log_text, log_text, rounds=[1, 2])
     assert "dropping reply" not in log_text and "no valid reply" not in log_text
     assert f"outputs in {out.resolve()}" in log_text
+    # The harness found the local SuperLink it started (and read its log) and Ray's own servers, all on loopback.
+    assert "Starting local SuperLink" in res.stream_text and res.superlink_log
+    names = {name for _addr, name in res.listeners}
+    assert "flower-superlin" in names and {"raylet", "gcs_server"} & names, res.listeners
     assert res.non_loopback_listeners == []
 
 
