@@ -366,10 +366,17 @@ def summarize(doc: dict) -> list[str]:
                 gain = start - f[f"scores_{which}"]["test"]
                 return (start - r[f"scores_{which}"]["test"]) / gain if gain else None
 
+            def final_share(r, rnd):  # of FedAvg's gain at its last round, same seed: one scale for every round
+                f, start = fed[r["seed"]]["history"], r["history"][0][1]
+                gain = start - f[-1][1]
+                return (start - r["history"][rnd][1]) / gain if gain else None
+
             per_round = [_mean_spread([v for r in mine if (v := share(r, i)) is not None]) for i in range(1, R + 1)]
+            of_final = [_mean_spread([v for r in mine if (v := final_share(r, i)) is not None]) for i in range(R + 1)]
             s = {"seeds": [r["seed"] for r in mine], "rounds": R,
                  "val_loss_share_at_rounds": _mean_spread([v for r in mine if (v := share(r, R)) is not None]),
                  "val_loss_share_per_round": per_round,
+                 "val_gain_of_fedavg_final_per_round": of_final,  # rounds 0..R
                  "test_loss_share_best_round": _mean_spread([v for r in mine if (v := test_share(r, "best")) is not None]),
                  "test_loss_share_last_round": _mean_spread([v for r in mine if (v := test_share(r, "last")) is not None]),
                  "best_round": [r["best_round"] for r in mine],
@@ -405,14 +412,17 @@ def summarize(doc: dict) -> list[str]:
 
 
 def _share_at_budget(summary: dict, method: str, ref: str, cost: str) -> float | None:
-    """method's validation gain share when it has spent what `ref` spends in its rounds, `cost` being
-    "client_seconds_per_round" (equal client time) or "mb_per_round" (equal total bytes); the share is linear
-    between rounds and 0 at round 0. None when `method` ran too few rounds to spend that much."""
+    """method's validation gain, as a share of FedAvg's gain at FedAvg's last round (the scale of `ref`'s final
+    share), once it has spent what `ref` spends in its rounds; `cost` is "client_seconds_per_round" (equal client
+    time) or "mb_per_round" (equal total bytes). Linear between rounds, 0 at round 0. None when `method` ran too
+    few rounds to spend that much. (A share per round against FedAvg *at that round* would not do: FedAvg's own
+    would be 1 at every round.)"""
     m, r = summary.get(method), summary.get(ref)
-    if not m or not r or not m["val_loss_share_per_round"]:
+    if not m or not r or not m.get("val_gain_of_fedavg_final_per_round"):
         return None
     x = r[cost] * r["rounds"] / m[cost]  # rounds of `method` on that budget
-    curve = [0.0] + [p["mean"] if p else 0.0 for p in m["val_loss_share_per_round"]]
+    curve = [p["mean"] if p else 0.0 for p in m["val_gain_of_fedavg_final_per_round"]]
+    curve[0] = 0.0
     if x > len(curve) - 1:
         return None
     lo = int(x)

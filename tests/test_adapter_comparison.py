@@ -40,15 +40,32 @@ def test_held_out_files_alternate_between_validation_and_test(tmp_path):
 
 
 def test_share_at_budget_reads_the_other_curve_at_the_same_client_seconds_or_bytes():
-    s = {"ctx": {"client_seconds_per_round": 2.0, "rounds": 3, "val_loss_share_per_round": []},
+    # curves: rounds 0..3, shares of FedAvg's gain at its last round
+    s = {"ctx": {"client_seconds_per_round": 2.0, "rounds": 3},
          "lora": {"client_seconds_per_round": 4.0, "rounds": 3,
-                  "val_loss_share_per_round": [{"mean": 0.5}, {"mean": 0.8}, {"mean": 0.9}]}}
-    s["ctx"]["val_loss_share_per_round"] = [{"mean": 0.1}] * 3
+                  "val_gain_of_fedavg_final_per_round": [{"mean": 0.0}, {"mean": 0.5}, {"mean": 0.8}, {"mean": 0.9}]}}
     assert ac._share_at_budget(s, "lora", "ctx", "client_seconds_per_round") == pytest.approx(0.65)  # 1.5 rounds
     s["lora"]["client_seconds_per_round"] = 1.0  # 6 rounds: beyond its 3
     assert ac._share_at_budget(s, "lora", "ctx", "client_seconds_per_round") is None
     s["ctx"]["mb_per_round"], s["lora"]["mb_per_round"] = 1.0, 6.0  # ctx's 3 MB: half a round of lora, from 0
     assert ac._share_at_budget(s, "lora", "ctx", "mb_per_round") == pytest.approx(0.25)
+
+
+def test_fedavg_at_a_smaller_byte_budget_is_below_its_final_gain():
+    # FedAvg's loss 4 -> 2 -> 1.5 -> 1 (start 4): its curve of its own last-round gain is 0, 2/3, 5/6, 1; the codec
+    # spends FedAvg's bytes of 1.5 rounds, where FedAvg had 3/4 of its final gain, not 1 (the old per-round bug)
+    fed = {"corpus": "code", "seed": 1, "method": "fedavg", "history": [[0, 4.0], [1, 2.0], [2, 1.5], [3, 1.0]],
+           "bytes_down_per_client_round": 3e6, "bytes_up_per_client_round": 3e6, "client_seconds": [1.0],
+           "scores_best": {"test": 1.0}, "scores_last": {"test": 1.0}, "best_round": 3}
+    codec = {**fed, "method": "ctx-ad-w2-up4-down4", "history": [[0, 4.0], [1, 2.5], [2, 1.8], [3, 1.2]],
+             "bytes_down_per_client_round": 1e6, "bytes_up_per_client_round": 2e6}
+    doc = {"runs": [fed, codec], "corpora": {"code": {"start_scores": {"test": 4.0}, "memory": {}, "model": "m"}}}
+    ac.summarize(doc)
+    s = doc["summary"]["code"]
+    assert [p["mean"] for p in s["fedavg"]["val_gain_of_fedavg_final_per_round"]] == pytest.approx([0, 2 / 3, 5 / 6, 1])
+    assert ac._share_at_budget(s, "fedavg", "ctx-ad-w2-up4-down4", "mb_per_round") == pytest.approx(0.75)
+    target = doc["targets"]["code"]["ctx-ad-w2-up4-down4 >= fedavg at equal total bytes"]
+    assert target["fedavg_at_codec_bytes"] == pytest.approx(0.75) and target["codec"] == pytest.approx(2.8 / 3)
 
 
 @pytest.mark.slow

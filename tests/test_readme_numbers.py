@@ -264,17 +264,17 @@ QUOTES = [
       (_val("plays", "lora-merged-w2mem"), PCT1),
       ((_val("pydocs", "ctx-ad-w2"), _val("pydocs", "ctx-ad-w2-vp")), points), (_val("pydocs", "ctx-ad-w2-vp"), PCT1),
       ((_val("code", "ctx-ad-w2"), _val("code", "ctx-ad-w2-vp")), points), (_val("code", "ctx-ad-w2-vp"), PCT1)),
-    Q("keep {}% (plays) and {}% (pydocs) of FedAvg's gain against {}% and {}% uncompressed, at {}x and {}x of the "
-      "bytes per round; int8 down costs nothing measurable ({}%). At W=4 the codecs keep {}% (plays) and {}% "
-      "(pydocs) against {}% and {}%. The recipes' full option set (vocabulary rows split + both codecs) keeps {}% "
-      "on the plays and {}% on pydocs.", AC,
-      (_val("plays", "ctx-ad-w2-up4-down4"), PCT1), (_val("pydocs", "ctx-ad-w2-up4-down4"), PCT1),
-      (_val("plays", "ctx-ad-w2"), PCT1), (_val("pydocs", "ctx-ad-w2"), PCT1),
+    Q("keep {}% (plays), {}% (pydocs) and {}% (code) of FedAvg's gain against {}%, {}% and {}% uncompressed, at {}x "
+      "and {}x of the bytes per round; int8 down costs nothing measurable ({}%). At W=4 the codecs keep {}% (plays), "
+      "{}% (pydocs) and {}% (code) against {}%, {}% and {}%. The recipes' full option set (vocabulary rows split + "
+      "both codecs) keeps {}% on the plays and {}% on pydocs.", AC,
+      *[(_val(c, "ctx-ad-w2-up4-down4"), PCT1) for c in ("plays", "pydocs", "code")],
+      *[(_val(c, "ctx-ad-w2"), PCT1) for c in ("plays", "pydocs", "code")],
       *[((f"summary.{c}.ctx-ad-w2-up4-down4.mb_per_round", f"summary.{c}.ctx-ad-w2.mb_per_round"),
          lambda a, b: f"{a / b:.2f}") for c in ("plays", "pydocs")],
       (_val("plays", "ctx-ad-w2-up4-down8"), PCT1),
-      (_val("plays", "ctx-ad-w4-up4-down4"), PCT1), (_val("pydocs", "ctx-ad-w4-up4-down4"), PCT1),
-      (_val("plays", "ctx-ad-w4"), PCT1), (_val("pydocs", "ctx-ad-w4"), PCT1),
+      *[(_val(c, "ctx-ad-w4-up4-down4"), PCT1) for c in ("plays", "pydocs", "code")],
+      *[(_val(c, "ctx-ad-w4"), PCT1) for c in ("plays", "pydocs", "code")],
       (_val("plays", "ctx-ad-w2-vp-up4-down4"), PCT1), (_val("pydocs", "ctx-ad-w2-vp-up4-down4"), PCT1)),
     Q("plays {}% against FedAvg's {}% and LoRA's {}% on the same bytes", AC,
       (_val("plays", "ctx-ad-w2-up4-down4"), PCT1),
