@@ -80,7 +80,8 @@ SERVER_METHODS = {
     "ctx-ad-w2-up4-down8": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int8"},
     "ctx-ad-w2-up4-down4": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int4"},
     "ctx-ad-w4-up4-down4": {"world-size": 4, **_CTX, "upload-codec": "int4-delta", "download-codec": "int4"},
-    # ... and DiLoCo's outer Nesterov step on the merged update, the paper's outer lr and momentum (not tuned here)
+    # ... and DiLoCo's outer Nesterov step on the merged update: the paper's outer lr and momentum, and lr 1.0 with
+    # momentum 0.5 (ahead on code and pydocs at 32 local steps: the slow-link recipe's)
     "ctx-ad-w2-up4-down4-diloco": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int4",
                                    "strategy": "diloco", "server-learning-rate": 0.7, "server-momentum": 0.9},
     "ctx-ad-w2-up4-down4-diloco-m05": {"world-size": 2, **_CTX, "upload-codec": "int4-delta", "download-codec": "int4",

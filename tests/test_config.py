@@ -53,6 +53,15 @@ def test_small_gpu_recipes_parse_and_use_the_benchmarked_options(world_size):
         assert recipe[key] == value, key
 
 
+def test_slow_link_recipe_is_the_w2_recipe_with_diloco_and_many_local_steps():
+    slow = tomllib.loads((ROOT / "configs" / "llama32-3b-slow-link-w2.toml").read_text())
+    base = tomllib.loads((ROOT / "configs" / "llama32-3b-small-gpu-w2.toml").read_text())
+    changed = {k for k in set(slow) | set(base) if slow.get(k) != base.get(k)}
+    assert changed == {"strategy", "server-learning-rate", "server-momentum", "local-steps"}
+    cfg = RunConfig.from_run_config(slow)
+    assert cfg.strategy == "diloco" and cfg.local_steps >= 100 and cfg.upload_codec == "int4-delta"
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("world-size", "2", "expected int"),
     ("learning-rate", -1e-5, "must be a finite number > 0"),
