@@ -42,7 +42,6 @@ import math
 import statistics
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ import torch
 from fedtp_flwr.client.app import local_dataset, node_seed
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.data import build_dataset, eval_batches, iterate_batches, load_examples, load_tokenizer
-from fedtp_flwr.model import ModelArgs, build_model, preset_args
+from fedtp_flwr.model import build_model, preset_args
 from fedtp_flwr.model.checkpoint import load_checkpoint
 from fedtp_flwr.server.outputs import load_run_checkpoint
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
