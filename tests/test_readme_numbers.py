@@ -74,6 +74,7 @@ CM, CMR = "client_memory.json", "client_memory_rest_adapter.json"
 MOQ, MOQ43 = "memory_options_quality.json", "memory_options_quality_seed43.json"
 LQ, AC, ACH = "learning_quality.json", "adapter_comparison.json", "adapter_comparison_h32.json"
 ACC = "adapter_comparison_code_h32.json"
+ACC128 = "adapter_comparison_code_h128.json"
 COMM, SS, SM, TR = "communication.json", "server_scaling.json", "server_merge.json", "transport.json"
 
 
@@ -306,6 +307,11 @@ QUOTES = [
       ("summary.code.fedavg.forgetting_best_round.mean", fmt("+.2f")),
       ("runs", _final_val_loss("ctx-ad-w2-up4-down4-diloco-m05"))),
     Q("FedAvg's after 20 rounds of 8 steps ({}) at 4x fewer rounds", AC, ("runs", _final_val_loss("fedavg"))),
+    Q("At {} local steps per round ({} rounds, one seed,", ACC128,
+      ("settings.local_steps", str), ("settings.code_rounds", str)),
+    Q("it still leads: {}% against {}% for the codecs without it (validation loss {} against FedAvg's {})", ACC128,
+      (_val("code", "ctx-ad-w2-up4-down4-diloco-m05"), PCT1), (_val("code", "ctx-ad-w2-up4-down4"), PCT1),
+      ("runs", _final_val_loss("ctx-ad-w2-up4-down4-diloco-m05")), ("runs", _final_val_loss("fedavg"))),
     Q("With {} local steps per round ({} rounds, one seed,", ACH,
       ("settings.local_steps", str), ("settings.rounds", str)),
     Q("pydocs {}% (momentum 0.5 at lr 1.0: {}%) against {}% without the outer step; the plays again overfit ({}% and "
