@@ -154,11 +154,13 @@ def test_client_side_slice_evaluation(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
+def test_recipe_options_run_end_to_end(tmp_path):
     """The options of configs/llama32-3b-small-gpu-*.toml through server.run: vocabulary-parallel context
     slices (the 128k-vocabulary preset, so the split rows are real), bf16 weights with torchao's
-    stochastic-rounding AdamW, the step in backward, a chunked loss, the update up and the slice down in int4.
-    Replies carry the vocabulary slice's update (low-bit) and the rest adapters' factors."""
+    stochastic-rounding AdamW, the step in backward, a chunked loss, the update up and the slice down in int4;
+    with the slow-link recipe's DiLoCo outer step on the merge (configs/llama32-3b-slow-link-w2.toml: the same
+    options plus that step, whose math against FedAvg's tests/test_outer.py checks). Replies carry the vocabulary
+    slice's update (low-bit) and the rest adapters' factors."""
     from fedtp_flwr.config import AUTO_REST_ADAPTER_RANK
     from fedtp_flwr.model import preset_args
     from fedtp_flwr.model.context import adapter_shapes
@@ -167,7 +169,8 @@ def test_small_gpu_recipe_options_run_end_to_end(tmp_path):
     grid = go(tmp_path, **{"num-server-rounds": 1, "slice-mode": "context", "context-bits": 4, "vocab-parallel": True,
                            "client-param-dtype": "bfloat16", "optimizer-in-backward": True, "max-grad-norm": 0.0,
                            "loss-chunk-tokens": 16, "context-group-size": 128,
-                           "upload-codec": "int4-delta", "download-codec": "int4"})
+                           "upload-codec": "int4-delta", "download-codec": "int4",
+                           "strategy": "diloco", "server-learning-rate": 1.0, "server-momentum": 0.5})
     assert grid.delivered[0].content["config"]["vocab-parallel"] is True
     assert not any(m.has_error() for m in grid.replies)
     shapes = slice_shapes(preset_args("llama3.2-tiny"), 2, vocab_parallel=True)
