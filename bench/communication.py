@@ -370,8 +370,7 @@ def matrix_rows(models, world_sizes) -> list[dict]:
                     rows.append({"model": name, "world_size": w, "layout": "FedAvg" if w == 1 else layout,
                                  "codec": codec, **r})
         shapes = lora_shapes(args, LORA_RANK)
-        one_way = sum((raw_class_stats(s, "int16")["objects"] + raw_class_stats(s, "int16")["framing"])
-                      for s in shapes.values())
+        one_way = sum(st["objects"] + st["framing"] for st in (raw_class_stats(s, "int16") for s in shapes.values()))
         rows.append({"model": name, "world_size": 1, "layout": f"federated LoRA r{LORA_RANK}", "codec": "bf16",
                      "params": sum(_numel(s) for s in shapes.values()), "down": one_way, "up": one_way,
                      "total": 2 * one_way})
@@ -496,8 +495,8 @@ def main(argv=None) -> dict:
                       [[r["world_size"], r["layout"], r["codec"], f"{r['down'] / 1e9:.3f}", f"{r['up'] / 1e9:.3f}",
                         f"{r['total'] / 1e9:.3f}", f"{r['total'] * 8 / 100e6 / 60:.1f} min"]
                        for r in matrix if r["model"] == name],
-                      title=f"{name}: bytes per client per round, each direction, serialized by Flower (shape classes); "
-                            "codec = the slice down and the update (bf16: the weights) up")
+                      title=f"{name}: bytes per client per round, each direction, serialized by Flower (shape "
+                            "classes); codec = the slice down and the update (bf16: the weights) up")
 
     worst = max([c["wire_over_analytic"] for c in checks] + [max(r["down_over_analytic"], r["up_over_analytic"])
                                                               for r in rows])
