@@ -5,6 +5,7 @@ from flwr.clientapp import ClientApp
 
 from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.config import RunConfig
+from fedtp_flwr.identity import IDENTITY_ACTION, identity_reply
 
 app = ClientApp()
 
@@ -18,3 +19,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return evaluate_reply(msg, RunConfig.from_run_config(context.run_config), context.node_config)
+
+
+@app.query(IDENTITY_ACTION)
+def identity(msg: Message, context: Context) -> Message:
+    # the server orders nodes (ranks, sampling) by this, the same in every run: node-name or partition-id
+    return identity_reply(msg, context.node_config)

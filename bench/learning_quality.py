@@ -62,7 +62,7 @@ from fedtp_flwr.model.context import build_context_model, context_rest, quantize
 from fedtp_flwr.model.quant import quantized_nbytes
 from fedtp_flwr.model.sharding import is_split, shard, shard_args, slice_shapes
 from fedtp_flwr.server.app import run as server_run
-from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.server.outputs import read_results, run_folders
 from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
 from fedtp_flwr.wire import record_nbytes
@@ -202,8 +202,9 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
         t0 = time.perf_counter()
         server_run(grid, cfg)
         seconds = time.perf_counter() - t0
-        results = read_results(Path(tmp) / "experiment_results_llama32.pkl")
-        extra = after(Path(tmp)) if after else {}
+        (folder,) = run_folders(tmp)  # the run's own folder under output-dir
+        results = read_results(folder / "experiment_results_llama32.pkl")
+        extra = after(folder) if after else {}
     (history,) = results.values()
     down = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
             for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]

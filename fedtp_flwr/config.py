@@ -110,7 +110,7 @@ class RunConfig:
     precision: str = _key("precision", "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", choices=PRECISIONS, train=True, advanced=True)
     seed: int = _key("seed", 42, "seed for init, data order and sampling", train=True)
     # -- outputs
-    output_dir: str = _key("output-dir", "", "where results, eval files and checkpoints go (empty: outputs/run-<run id>/ per run, the results .pkl in outputs/, merged across runs; a resumed run continues in its checkpoint's folder)", resume_may_differ=True)
+    output_dir: str = _key("output-dir", "", "the folder of the runs' folders (empty: ./outputs): each run, a resumed one too, writes into a new <output-dir>/run-<run id>/ (run.json, results, eval files, checkpoints); <output-dir>/experiment_results_llama32.pkl merges the completed runs' results, never replacing one", resume_may_differ=True)
     checkpoint_every: int = _key("checkpoint-every", 1, "write a checkpoint every N rounds (the last round always; 0: only the last)", minimum=0, resume_may_differ=True, advanced=True)
     keep_checkpoints: int = _key("keep-checkpoints", 0, "keep only this run's N latest checkpoints, deleting earlier ones (0: keep all)", minimum=0, resume_may_differ=True, advanced=True)
     resume_from: str = _key("resume-from", "", "a checkpoint .pth of this run to continue from (next round)", resume_may_differ=True)

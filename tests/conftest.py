@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 import pickle
@@ -21,7 +22,7 @@ import torch
 
 from fedtp_flwr.model import ModelArgs, Transformer, build_model, preset_args
 from fedtp_flwr.model.sharding import slice_shapes
-from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.server.outputs import read_results, run_folders
 from fedtp_flwr.testing import flower_harness as fh
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -98,12 +99,16 @@ def full_parameter_count() -> int:
     return sum(t.numel() for t in build_model(preset_args("llama3.2-tiny"), device="meta", seed=None).parameters())
 
 
-def check_outputs(out: Path, rounds: int, world_size: int = WORLD_SIZE) -> list[tuple[int, float, float]]:
-    """The seed's three outputs under `out`; returns the results history [(round, loss, perplexity)]."""
+def check_outputs(parent: Path, rounds: int, world_size: int = WORLD_SIZE) -> list[tuple[int, float, float]]:
+    """The seed's three outputs in the one run folder under output-dir `parent`, its run.json saying completed, and
+    its entry in the merged results file; returns the results history [(round, loss, perplexity)]."""
+    (out,) = run_folders(parent)
     key = (world_size, LR, False, rounds, SEED)
     results = read_results(out / "experiment_results_llama32.pkl")  # refuses anything but plain data
     assert results == pickle.loads((out / "experiment_results_llama32.pkl").read_bytes())
     assert list(results) == [key]
+    assert read_results(parent / "experiment_results_llama32.pkl") == results  # merged: the one completed run
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
     history = results[key]
     assert isinstance(history, list) and all(isinstance(h, tuple) and len(h) == 3 for h in history)
     assert [r for r, _, _ in history] == list(range(rounds + 1))
@@ -208,10 +213,14 @@ def run_in_process(out: Path, handler=None, n_nodes: int = 3, grid_cls=None, **o
     cfg = {**ATTACK_RUN, "output-dir": str(out), **overrides}
     grid = (grid_cls or InProcessGrid)([{"partition-id": i, "num-partitions": n_nodes} for i in range(n_nodes)], cfg,
                                       handler=handler or handle)
-    run(grid, cfg)
-    results = read_results(out / "experiment_results_llama32.pkl")
+    run_id = next(_RUN_IDS)
+    run(grid, cfg, run_id=run_id)
+    results = read_results(out / f"run-{run_id}" / "experiment_results_llama32.pkl")  # this run's entry
     (history,) = results.values()
     return history
+
+
+_RUN_IDS = itertools.count(1)
 
 
 def tampering(node: int, tamper, message_type: str = "train"):

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtp_flwr.server.outputs import run_folders
 from fedtp_flwr.testing import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_simulation.py
@@ -145,7 +146,8 @@ def test_failing_and_killed_clients_do_not_stop_the_run(tmp_path: Path) -> None:
 
     args = preset_args("llama3.2-tiny")
     before = build_model(args, seed=cfg["seed"]).state_dict()  # the run's initial model (seeded init)
-    after = torch.load(out / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth", weights_only=True)[
+    (folder,) = run_folders(out)
+    after = torch.load(folder / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth", weights_only=True)[
         "model_state_dict"]
     for rank, should_change in ((trained, True), (untrained, False)):
         old, new = shard(before, args, rank, WORLD_SIZE), shard(after, args, rank, WORLD_SIZE)

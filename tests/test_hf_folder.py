@@ -29,7 +29,7 @@ from fedtp_flwr.data import (
     load_tokenizer,
 )
 from fedtp_flwr.model.checkpoint import export_hf, load_checkpoint, load_model
-from fedtp_flwr.server.outputs import read_results
+from fedtp_flwr.server.outputs import read_results, run_folders
 from fedtp_flwr.tools.export import export_run_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -269,7 +269,8 @@ def test_flwr_run_fine_tunes_a_hf_folder_on_chat_data_at_world_size_3(tmp_path):
     (history,) = read_results(out / "experiment_results_llama32.pkl").values()
     assert [r for r, _, _ in history] == [0, 1, 2]
     assert history[-1][1] < history[0][1] - 0.5, history
-    assert (out / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth").is_file()
+    (folder,) = run_folders(out)
+    assert (folder / "checkpoints" / "llama32_hf_ws3_lr0.003_round2.pth").is_file()
 
 
 def test_a_client_whose_tokenizer_does_not_fit_the_model_says_so(tmp_path):

@@ -1,5 +1,6 @@
 """The whole server logic (server.run) with the client logic, in-process: outputs, resume, faults."""
 
+import json
 import math
 import pickle
 
@@ -8,7 +9,7 @@ import torch
 
 from fedtp_flwr.config import ConfigError
 from fedtp_flwr.server.app import run
-from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.server.outputs import load_run_checkpoint, read_results
 from fedtp_flwr.server.strategy import RunFailed
 from fedtp_flwr.testing.inprocess import InProcessGrid, handle
 
@@ -20,10 +21,11 @@ def nodes(n):
     return [{"partition-id": i, "num-partitions": n} for i in range(n)]
 
 
-def go(tmp_path, n_nodes=2, handler=handle, **overrides):
+def go(tmp_path, n_nodes=2, handler=handle, run_id=1, node_ids=None, **overrides):
+    """A run into tmp_path/run-<run_id> (tmp_path is output-dir: it holds the merged results file)."""
     cfg = {**BASE, "output-dir": str(tmp_path), **overrides}
-    grid = InProcessGrid(nodes(n_nodes), cfg, handler=handler)
-    run(grid, cfg)
+    grid = InProcessGrid(nodes(n_nodes), cfg, handler=handler, node_ids=node_ids)
+    run(grid, cfg, run_id=run_id)
     return grid
 
 
@@ -36,9 +38,9 @@ def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
     rounds = [r for r, _, _ in results[key]]
     assert rounds == [0, 1, 2]
     assert results[key][-1][2] < results[key][0][2]
-    lines = (tmp_path / "eval_res_llama32_ws2_r2.txt").read_text().splitlines()
+    lines = (tmp_path / "run-1" / "eval_res_llama32_ws2_r2.txt").read_text().splitlines()
     assert lines[0].startswith("Round: 0, Loss: ") and ", Perplexity: " in lines[0] and len(lines) == 3
-    ckpt = load_run_checkpoint(tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    ckpt = load_run_checkpoint(tmp_path / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
     assert ckpt["round"] == 2 and ckpt["experiment_key"] == key and ckpt["config"]["world-size"] == 2
     full = sum(t.numel() for t in ckpt["model_state_dict"].values())
     for msg in grid.delivered:  # every node got a slice, never the full model
@@ -50,24 +52,49 @@ def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
     assert set(results) == {key, (2, 1e-3, False, 1, 7)}
 
 
+def _files(folder):
+    """Every file under `folder` with its bytes (links followed)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_resume_continues_bit_identical_and_refuses_a_change_of_the_math(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    go(a, **{"num-server-rounds": 2})
-    # "stop" after round 1: resume from its checkpoint and run round 2 only
-    ckpt = str(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")
-    go(b, **{"num-server-rounds": 2, "resume-from": ckpt})
-    sa = load_run_checkpoint(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")["model_state_dict"]
-    sb = load_run_checkpoint(b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")["model_state_dict"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not (b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth").exists()  # round 1 was not rerun
-    lines = (b / "eval_res_llama32_ws2_r2.txt").read_text().splitlines()
-    assert [l.split(",")[0] for l in lines] == ["Round: 0", "Round: 1", "Round: 2"]
+def test_resume_is_the_uninterrupted_run_and_writes_only_its_own_folder(tmp_path):
+    """Flower's simulation draws new random node ids in every run: here the resumed run's ids sort the other way
+    round. Ranks follow the identity each node states (its partition id), so resuming after round 1 gives rounds 2
+    and 3 bit for bit, into a new folder: the run it continues is not touched."""
+    ckpt_name = "llama32_tiny_ws2_lr0.001_round{}.pth"
+    go(tmp_path, node_ids=[900, 17], run_id=1, **{"num-server-rounds": 3})
+    first = tmp_path / "run-1"
+    before = _files(first)
+    ckpt = first / "checkpoints" / ckpt_name.format(1)
+    go(tmp_path, node_ids=[5, 800], run_id=2, **{"num-server-rounds": 3, "resume-from": str(ckpt)})
+    assert _files(first) == before  # the resumed-from run's folder is not written
+    resumed = tmp_path / "run-2"
+    for r in (2, 3):
+        sa = load_run_checkpoint(first / "checkpoints" / ckpt_name.format(r))["model_state_dict"]
+        sb = load_run_checkpoint(resumed / "checkpoints" / ckpt_name.format(r))["model_state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), r
+    assert (resumed / "eval_res_llama32_ws2_r3.txt").read_text() == (first / "eval_res_llama32_ws2_r3.txt").read_text()
+    assert (resumed / "checkpoints" / ckpt_name.format(1)).samefile(ckpt)  # linked, not rerun
+    record = json.loads((resumed / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed-from"] == str(ckpt.resolve())
+    key = (2, 1e-3, False, 3, 42)
+    merged = read_results(tmp_path / "experiment_results_llama32.pkl")
+    assert merged[key] == read_results(first / "experiment_results_llama32.pkl")[key]  # the first run's, kept
+    assert read_results(resumed / "experiment_results_llama32.pkl")[key] == merged[key]  # equal: the same run
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_change_of_the_math_and_a_finished_checkpoint(tmp_path):
+    go(tmp_path, **{"num-server-rounds": 1})
+    ckpt = str(tmp_path / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")
     # a key that changes the merge, or another world size, is refused before anything runs; others may change
     with pytest.raises(ConfigError, match="rank-merge"):
         go(tmp_path / "c", **{"num-server-rounds": 2, "rank-merge": "median", "resume-from": ckpt})
     with pytest.raises(ConfigError, match="world-size"):
         go(tmp_path / "d", **{"num-server-rounds": 2, "world-size": 4, "resume-from": ckpt})
+    with pytest.raises(ConfigError, match="leaves no round to train"):
+        go(tmp_path / "f", **{"num-server-rounds": 1, "resume-from": ckpt})
     go(tmp_path / "e", **{"num-server-rounds": 2, "round-timeout": 60.0, "resume-from": ckpt})
 
 
@@ -81,9 +108,10 @@ def test_resumed_server_optimizer_run_with_sampling_equals_an_uninterrupted_one(
             "fraction-train": 0.5}
     a, b = tmp_path / "a", tmp_path / "b"
     go(a, n_nodes=4, **opts)
-    go(b, n_nodes=4, **opts, **{"resume-from": str(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")})
-    ca = load_run_checkpoint(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
-    cb = load_run_checkpoint(b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    go(b, n_nodes=4, node_ids=[40, 30, 20, 10], **opts,
+       **{"resume-from": str(a / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")})
+    ca = load_run_checkpoint(a / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
+    cb = load_run_checkpoint(b / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
     assert ca["strategy_state"] and "random_state" in ca
     assert all(torch.equal(ca["model_state_dict"][k], cb["model_state_dict"][k]) for k in ca["model_state_dict"])
 
@@ -98,7 +126,7 @@ def test_a_failing_client_does_not_stop_the_run(tmp_path, caplog):
     go(tmp_path, handler=flaky)
     assert "dropping reply from node 2" in caplog.text and "simulated" in caplog.text
     assert "no valid reply for rank(s) [1]" in caplog.text
-    assert (tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth").exists()
+    assert (tmp_path / "run-1" / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth").exists()
 
 
 def _broken(msg, cfg, node_config):
@@ -109,19 +137,39 @@ def test_a_round_without_valid_replies_fails_the_run_and_writes_no_checkpoint(tm
     with pytest.raises(RunFailed, match=r"round 1: 0 valid replies, fewer than min-train-nodes=1: the run stops"):
         go(tmp_path, handler=_broken, **{"num-server-rounds": 2})
     assert "disk full (simulated)" in caplog.text  # the clients' own errors are in the log
-    assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in caplog.text
-    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+    assert caplog.records[-1].getMessage() == "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))"
+    folder = tmp_path / "run-1"
+    results = read_results(folder / "experiment_results_llama32.pkl")
     assert [r for r, _, _ in results[(2, 1e-3, False, 2, 42)]] == [0]  # round 0 only: nothing trained
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())
+    assert not (tmp_path / "experiment_results_llama32.pkl").exists()  # a failed run never enters the merged file
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "failed" and "0 valid replies" in record["reason"]
 
 
-def test_allow_failed_rounds_skips_the_round_and_keeps_the_model(tmp_path, caplog):
-    go(tmp_path, handler=_broken, **{"num-server-rounds": 1, "allow-failed-rounds": True})
-    assert "round skipped" in caplog.text and "fedtp-flwr: 0 of 1 round trained" in caplog.text
-    results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
+def test_allow_failed_rounds_skips_the_round_but_a_run_that_trained_nothing_fails(tmp_path, caplog):
+    with pytest.raises(RunFailed, match="no round trained"):
+        go(tmp_path, handler=_broken, **{"num-server-rounds": 1, "allow-failed-rounds": True})
+    assert "round skipped, global model kept (allow-failed-rounds)" in caplog.text
+    assert "fedtp-flwr: 0 of 1 round trained" in caplog.text
+    results = read_results(tmp_path / "run-1" / "experiment_results_llama32.pkl")
     (_, l0, _), (_, l1, _) = results[(2, 1e-3, False, 1, 42)]
     assert l0 == l1  # global model unchanged
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert not (tmp_path / "run-1" / "checkpoints").exists() or not any((tmp_path / "run-1" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_merge_is_refused_fails_and_writes_no_checkpoint(tmp_path, caplog):
+    """A user's finding: FedAdam at too large a step, every merged model refused by the loss guard; the run said
+    "completed" and wrote round checkpoints of the untrained model (and a _best naming one). eta 100 here: every
+    merge is refused whatever the platform's rounding."""
+    with pytest.raises(RunFailed, match="no round trained"):
+        go(tmp_path, **{"num-server-rounds": 2, "strategy": "fedadam", "server-learning-rate": 100.0})
+    assert "fedtp-flwr: 0 of 2 rounds trained (1: 2 clients (refused), 2: 2 clients (refused))" in caplog.text
+    folder = tmp_path / "run-1"
+    assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())  # no _best either
+    assert json.loads((folder / "run.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "experiment_results_llama32.pkl").exists()
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -195,32 +243,42 @@ def n_slice(msg) -> int:
     return sum(math.prod(s) for s in slice_shapes(job.args, job.world_size, job.vocab_parallel).values())
 
 
-def test_output_folders_by_run_id_and_by_resumed_checkpoint(tmp_path, monkeypatch):
+def test_output_folders_are_new_for_every_run(tmp_path, monkeypatch):
     from fedtp_flwr.config import RunConfig
     from fedtp_flwr.server.app import resolve_output_dirs
+    from fedtp_flwr.server.outputs import new_run_folder
 
     monkeypatch.chdir(tmp_path)
     assert resolve_output_dirs(RunConfig(), 7) == (tmp_path / "outputs" / "run-7", tmp_path / "outputs")
     named = RunConfig(output_dir=str(tmp_path / "mine"))
-    assert resolve_output_dirs(named, 7) == (tmp_path / "mine", tmp_path / "mine")
+    assert resolve_output_dirs(named, 7) == (tmp_path / "mine" / "run-7", tmp_path / "mine")
     resumed = RunConfig(resume_from=str(tmp_path / "outputs" / "run-7" / "checkpoints" / "x_round1.pth"))
-    assert resolve_output_dirs(resumed, 9) == (tmp_path / "outputs" / "run-7", tmp_path / "outputs")
+    assert resolve_output_dirs(resumed, 9) == (tmp_path / "outputs" / "run-9", tmp_path / "outputs")  # its own
     out, _ = resolve_output_dirs(RunConfig(), None)  # outside Flower: the UTC time names the folder
     assert out.parent == tmp_path / "outputs" and out.name.startswith("run-20")
+    made = [new_run_folder(tmp_path / "outputs", "run-x") for _ in range(3)]  # never an existing folder
+    assert [p.name for p in made] == ["run-x", "run-x-2", "run-x-3"]
 
 
 @pytest.mark.slow
-def test_two_runs_with_the_same_settings_keep_their_own_files(tmp_path, monkeypatch):
+def test_two_runs_with_the_same_seed_key_keep_their_own_results(tmp_path, monkeypatch, caplog):
+    """The seed's key leaves out the strategy: a FedAdam run and a DiLoCo run share it. Each keeps its results in
+    its own folder; the merged file keeps the first run's entry and the log says where the second's is."""
     monkeypatch.chdir(tmp_path)
     cfg = {**BASE, "num-server-rounds": 1, "output-dir": ""}
-    for run_id in (11, 12):
-        run(InProcessGrid(nodes(2), cfg), cfg, run_id=run_id)
+    for run_id, strategy in ((11, "fedavg"), (12, "fedprox")):
+        run(InProcessGrid(nodes(2), {**cfg, "strategy": strategy}), {**cfg, "strategy": strategy}, run_id=run_id)
+    key = (2, 1e-3, False, 1, 42)
+    own = {}
     for run_id in (11, 12):
         folder = tmp_path / "outputs" / f"run-{run_id}"
         assert (folder / "eval_res_llama32_ws2_r1.txt").is_file()
         assert (folder / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth").is_file()
-    results = pickle.loads((tmp_path / "outputs" / "experiment_results_llama32.pkl").read_bytes())
-    assert list(results) == [(2, 1e-3, False, 1, 42)]  # one key, merged as before (the later run's history)
+        own[run_id] = read_results(folder / "experiment_results_llama32.pkl")[key]
+    assert own[11] != own[12]  # not vacuous: the two runs differ
+    merged = read_results(tmp_path / "outputs" / "experiment_results_llama32.pkl")
+    assert merged == {key: own[11]}
+    assert "already holds key (2, 0.001, False, 1, 42) from another run and keeps it" in caplog.text
 
 
 @pytest.mark.slow

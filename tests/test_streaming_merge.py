@@ -23,7 +23,7 @@ from fedtp_flwr.compat import set_message_id
 from fedtp_flwr.config import ConfigError, RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.server.aggregation import Contribution, WeightedFold, aggregate_slices
-from fedtp_flwr.server.strategy import FederatedTensorParallel
+from fedtp_flwr.server.strategy import FederatedTensorParallel, RunFailed
 from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.wire import decode, encode
 
@@ -213,7 +213,8 @@ def test_slices_are_sent_one_rank_at_a_time():
             return []
 
     s = FederatedTensorParallel(ARGS, RunConfig(world_size=2, min_available_nodes=1, allow_failed_rounds=True))
-    s.start(Silent(range(1, 7)), encode(initial_state()), num_rounds=1, timeout=0.1)
+    with pytest.raises(RunFailed, match="no round trained"):  # nobody answers: skipped, and nothing trained
+        s.start(Silent(range(1, 7)), encode(initial_state()), num_rounds=1, timeout=0.1)
     assert pushes == [[0], [1]]
     assert live_slices == [1, 1]
 

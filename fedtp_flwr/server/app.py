@@ -23,7 +23,7 @@ from fedtp_flwr.training import evaluate, resolve_device
 from fedtp_flwr.wire import decode, encode
 
 from .memory import memory_gb
-from .outputs import RunOutputs, load_run_checkpoint
+from .outputs import RunOutputs, load_run_checkpoint, new_run_folder
 from .strategy import FederatedTensorParallel
 
 
@@ -51,6 +51,10 @@ def initial_state(cfg: RunConfig) -> tuple[ModelArgs, dict[str, torch.Tensor], i
             if key in stored and stored[key] != now[key]:
                 raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint was written with {key}="
                                   f"{stored[key]!r}, this run has {now[key]!r}")
+        if int(ckpt["round"]) >= cfg.num_server_rounds:
+            raise ConfigError(f"resume-from {cfg.resume_from}: the checkpoint is of round {int(ckpt['round'])}, and "
+                              f"num-server-rounds={cfg.num_server_rounds} leaves no round to train (raise it to "
+                              "extend the run)")
         state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
         extras = {k: ckpt[k] for k in ("random_state", "strategy_state") if k in ckpt}
         return args, state, int(ckpt["round"]) + 1, [tuple(h) for h in ckpt.get("history", [])], extras
@@ -81,19 +85,21 @@ def check_config_world_size(args: ModelArgs, cfg: RunConfig) -> None:
 DEFAULT_OUTPUTS = "outputs"
 
 
+def output_parent(cfg: RunConfig) -> Path:
+    """The folder that holds the runs' folders and their merged results file: output-dir, or ./outputs."""
+    return Path(cfg.output_dir or DEFAULT_OUTPUTS).expanduser().resolve()
+
+
+def run_folder_name(run_id: int | None) -> str:
+    """run-<Flower's run id>; outside Flower run-<UTC time> (made unique when the folder is made)."""
+    return f"run-{run_id}" if run_id is not None else "run-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
 def resolve_output_dirs(cfg: RunConfig, run_id: int | None) -> tuple[Path, Path]:
-    """(the run's folder, the folder of the results .pkl). output-dir names both; empty: a folder of its own per
-    run, outputs/run-<Flower's run id> (run-<UTC time> outside Flower), or the folder of the checkpoint a resumed
-    run continues from, with the results .pkl one level up, in outputs/, merged across runs as before."""
-    if cfg.output_dir:
-        out = Path(cfg.output_dir).expanduser().resolve()
-        return out, out
-    if cfg.resume_from and Path(cfg.resume_from).parent.name == "checkpoints":
-        out = Path(cfg.resume_from).expanduser().resolve().parent.parent
-        return out, out.parent
-    name = f"run-{run_id}" if run_id is not None else "run-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    parent = Path(DEFAULT_OUTPUTS).resolve()
-    return parent / name, parent
+    """(this run's folder, the folder of the merged results .pkl): <output-dir>/run-<id> and <output-dir>. A new
+    folder for every run, a resumed one too (it never writes into the run it continues). Not made here."""
+    parent = output_parent(cfg)
+    return parent / run_folder_name(run_id), parent
 
 
 def run(grid: Grid, run_config: dict[str, Any], run_id: int | None = None) -> None:
@@ -125,13 +131,19 @@ def run(grid: Grid, run_config: dict[str, Any], run_id: int | None = None) -> No
     batches = eval_batches(held_out, cfg.max_batch_size, cfg.eval_batches or None)
     eval_model = build_model(args, device=device, seed=None) if device.type != "cpu" else None
 
-    out_dir, results_dir = resolve_output_dirs(cfg, run_id)
+    planned_dir, results_dir = resolve_output_dirs(cfg, run_id)
+    out_dir = new_run_folder(results_dir, planned_dir.name)
     config = {**cfg.to_dict(), "model-args": json.dumps(args.to_params())}
     outputs = RunOutputs(out_dir, experiment_key(cfg), cfg.world_size, cfg.num_server_rounds, cfg.learning_rate,
                          model_name(cfg), config, cfg.checkpoint_every, cfg.keep_checkpoints, results_dir)
     for stale in outputs.remove_stale_temp_files():
         log(WARNING, "removed %s, a temp file an interrupted run left behind", stale)
-    outputs.start_from(history)
+    resumed_from = str(Path(cfg.resume_from).expanduser().resolve()) if cfg.resume_from else None
+    for line in outputs.start_from(history, resumed_from, first_round - 1 if resumed_from else None):
+        log(INFO, "fedtp-flwr: resumed run: %s", line)
+    outputs.write_run_record(**{"run-id": run_id, "status": "running", "reason": None, "resumed-from": resumed_from,
+                                "experiment-key": list(experiment_key(cfg)), "strategy": cfg.strategy,
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config})
     log(INFO, "fedtp-flwr: %s (%.1fM parameters), world size %d, rounds %d..%d, outputs in %s", model_name(cfg),
         sum(t.numel() for t in state.values()) / 1e6, cfg.world_size, first_round, cfg.num_server_rounds, out_dir)
 
@@ -150,21 +162,33 @@ def run(grid: Grid, run_config: dict[str, Any], run_id: int | None = None) -> No
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
 
     def record_fn(rnd: int, arrays: ArrayRecord, metrics: MetricRecord, trained: bool) -> None:
-        """The global model each round ends with (the previous one when the merged model was refused; a skipped
-        round, in which no client trained, writes no checkpoint, which would look like a trained one)."""
+        """The round's results; its checkpoint only when the round trained (a refused or skipped round ends with an
+        earlier round's model: a checkpoint of it under this round would look like a trained one)."""
         state = decode(arrays, "float32", dtype=None, copy=False) if rnd >= first_round and trained else None
         outputs.record(rnd, metrics["loss"], metrics["perplexity"], state,
                        {"random_state": random.getstate(), "strategy_state": strategy.inner_state()})
 
-    strategy = FederatedTensorParallel(args, cfg, output_dir=out_dir)
+    strategy = FederatedTensorParallel(args, cfg, output_dir=out_dir, identify_nodes=True)
     if "strategy_state" in extras:
         strategy.load_inner_state(extras["strategy_state"])
     initial = [encode(state, release=True)]  # from here on the model exists only as the strategy's global record
     del state
-    strategy.start(grid, initial.pop(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                   evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
-    log(INFO, "fedtp-flwr: wrote %s, %s and %s", outputs.results_path, outputs.eval_path,
-        outputs.checkpoint_path(cfg.num_server_rounds).parent)
+    try:
+        strategy.start(grid, initial.pop(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                       evaluate_fn=evaluate_fn, record_fn=record_fn, first_round=first_round)
+    except BaseException as e:  # a failed run (RunFailed, or anything else) is recorded so, and not merged
+        outputs.write_run_record(status="failed", reason=f"{type(e).__name__}: {e}", **_ended(strategy))
+        log(WARNING, "%s", strategy.rounds_line())
+        raise
+    outputs.write_run_record(status="completed", **_ended(strategy))
+    log(INFO, "fedtp-flwr: wrote %s, %s and %s; %s", outputs.results_path, outputs.eval_path,
+        outputs.checkpoint_path(cfg.num_server_rounds).parent, outputs.publish())
     peak = strategy.memory.overall()
     if peak is not None and rss_at_start is not None:  # bench/server_scaling.py reads this line
         log(INFO, "fedtp-flwr: ServerApp memory: peak RSS %.3f GB, RSS at start %.3f GB", peak, rss_at_start)
+    log(INFO, "%s", strategy.rounds_line())  # the ServerApp's last line: what the run trained
+
+
+def _ended(strategy: FederatedTensorParallel) -> dict:
+    """run.json's closing fields."""
+    return {"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rounds": strategy.rounds_line()}

@@ -1,7 +1,14 @@
-"""The seed's output files, each written atomically (temp file in the same folder, then rename).
+"""What a run writes: its own folder, the seed's output files in it, each written atomically (temp file in the
+same folder, then rename), and its entry in the results file shared by the runs of the parent folder.
 
+Every run has a folder of its own (`<output-dir>/run-<run id>`): nothing a run writes can replace what another
+run wrote. A resumed run too: it writes into a new folder, linking the checkpoint it started from.
+
+- run.json: what the run is and how it ended (status running / completed / failed and why, resumed-from);
 - experiment_results_llama32.pkl: {(world_size, lr, enable_swapping, rounds, seed): [(round, loss, ppl)]},
-  merged into an existing file (read back with an unpickler that refuses every class: plain data only);
+  this run's entry, rewritten each round (read back with an unpickler that refuses every class: plain data
+  only); the one in the parent folder merges the runs that completed there: a completed run's entry is added
+  under a lock, never replacing a key another run wrote, and a failed run's never enters;
 - eval_res_llama32_ws{W}_r{R}.txt: "Round: r, Loss: x, Perplexity: y" per line;
 - checkpoints/llama32_{model}_ws{W}_lr{lr}_round{r}.pth: model_state_dict, experiment_key, round, config
   (read back with torch.load(weights_only=True));
@@ -16,7 +23,9 @@ this run's checkpoints stay on disk.
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import math
 import os
 import pickle
@@ -28,6 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 RESULTS_FILE = "experiment_results_llama32.pkl"
+RUN_RECORD = "run.json"
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -58,7 +68,7 @@ def fsync_dir(path: Path) -> None:
 
 
 # The temp files atomic_write makes for this tool's outputs: ".<output name>.<random>.tmp".
-_TEMP_FILE = re.compile(r"^\.(experiment_results_llama32\.pkl|eval_res_llama32_.+|llama32_.+\.pth)\.[^.]+\.tmp$")
+_TEMP_FILE = re.compile(r"^\.(experiment_results_llama32\.pkl|run\.json|eval_res_llama32_.+|llama32_.+\.pth)\.[^.]+\.tmp$")
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -86,14 +96,47 @@ def model_tag(model_name: str) -> str:
     return model_name.removeprefix("llama3.2-").replace("/", "_")
 
 
+def new_run_folder(parent: str | Path, name: str) -> Path:
+    """parent/name, made now and empty: parent/name-2, -3, ... when a folder of that name exists already."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free folder name for {name}")
+
+
+def run_folders(parent: str | Path) -> list[Path]:
+    """The run folders under `parent` (an output-dir), oldest first."""
+    parent = Path(parent)
+    found = [p for p in parent.glob("run-*") if p.is_dir()] if parent.is_dir() else []
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def link_or_copy_name(src: Path, dst: Path) -> str:
+    """Make `dst` name the file `src`: a hard link (no second copy), else a symbolic link; how it was done."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        return "hard link"
+    except OSError:
+        os.symlink(src.resolve(), dst)
+        return "symbolic link"
+
+
 class RunOutputs:
-    """Everything one run writes, under `output_dir`."""
+    """Everything one run writes, under `output_dir` (its own folder); `results_dir` holds the results file
+    merged across the runs that completed there (default: the run's own folder, which then is that file)."""
 
     def __init__(self, output_dir: str | Path, experiment_key: tuple, world_size: int, rounds: int, lr: float,
                  model_name: str, config: Mapping[str, Any], checkpoint_every: int = 1, keep_checkpoints: int = 0,
                  results_dir: str | Path | None = None):
         self.dir = Path(output_dir)
-        self.results_dir = Path(results_dir) if results_dir is not None else self.dir  # the .pkl, shared by runs
+        self.results_dir = Path(results_dir) if results_dir is not None else self.dir  # the merged .pkl
         self.key = experiment_key
         self.world_size, self.rounds, self.lr = world_size, rounds, lr
         self.model_name, self.config = model_name, dict(config)
@@ -103,7 +146,16 @@ class RunOutputs:
 
     @property
     def results_path(self) -> Path:
+        """This run's results file: its entry only."""
+        return self.dir / RESULTS_FILE
+
+    @property
+    def merged_results_path(self) -> Path:
         return self.results_dir / RESULTS_FILE
+
+    @property
+    def run_record_path(self) -> Path:
+        return self.dir / RUN_RECORD
 
     @property
     def eval_path(self) -> Path:
@@ -128,9 +180,48 @@ class RunOutputs:
                         removed.append(p)
         return removed
 
-    def start_from(self, history: list[tuple[int, float, float]]) -> None:
-        """Resume: keep the rounds already recorded."""
+    def start_from(self, history: list[tuple[int, float, float]], resumed_from: str | Path | None = None,
+                   start_round: int | None = None) -> list[str]:
+        """Resume: keep the rounds already recorded, and name in this run's folder the checkpoint it starts from
+        (and the best one of the run it continues, when that is beside it), as links: the resumed run's folder
+        is never written. Returns what was linked, for the log."""
         self.history = [tuple(h) for h in history]
+        if resumed_from is None:
+            return []
+        linked = []
+        src = Path(resumed_from).expanduser().resolve()
+        pairs = [(src, self.checkpoint_path(start_round))] if start_round is not None else []
+        src_best = src.with_name(self.best_checkpoint_path.name)
+        if src_best.is_file():
+            pairs.append((src_best, self.best_checkpoint_path))
+        for a, b in pairs:
+            if not b.exists():
+                linked.append(f"{b.name} -> {a} ({link_or_copy_name(a, b)})")
+        return linked
+
+    def write_run_record(self, **fields: Any) -> None:
+        """run.json: the fields given so far, updated (status, reason, ...)."""
+        record = json.loads(self.run_record_path.read_text()) if self.run_record_path.exists() else {}
+        record.update(fields)
+        text = json.dumps(record, indent=1, default=str) + "\n"
+        atomic_write(self.run_record_path, lambda f: f.write(text.encode()))
+
+    def publish(self) -> str:
+        """Add this completed run's entry to the merged results file, unless another run's entry holds its key
+        (kept: the runs of one seed key differ in a setting the seed's key leaves out, such as the strategy).
+        Under a lock, so runs finishing together both land. Says what happened, for the log."""
+        if self.merged_results_path == self.results_path:
+            return f"results in {self.results_path}"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.results_dir / f".{RESULTS_FILE}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = read_results(self.merged_results_path)
+            if self.key in merged:
+                return (f"{self.merged_results_path} already holds key {self.key} from another run and keeps it; "
+                        f"this run's results are in {self.results_path}")
+            merged[self.key] = list(self.history)
+            atomic_write(self.merged_results_path, lambda f: pickle.dump(merged, f))
+        return f"results added to {self.merged_results_path} (and in {self.results_path})"
 
     def record(self, rnd: int, loss: float, perplexity: float, state: Mapping[str, torch.Tensor] | None,
                extras: Mapping[str, Any] | None = None) -> None:
@@ -139,8 +230,7 @@ class RunOutputs:
         earlier = [h for h in self.history if h[0] < rnd]
         best = state is not None and rnd > 0 and math.isfinite(loss) and all(loss < h[1] for h in earlier if h[0] > 0)
         self.history = earlier + [(rnd, float(loss), float(perplexity))]
-        results = read_results(self.results_path)
-        results[self.key] = list(self.history)
+        results = {self.key: list(self.history)}
         atomic_write(self.results_path, lambda f: pickle.dump(results, f))
         text = "".join(f"Round: {r}, Loss: {l:.6f}, Perplexity: {p:.6f}\n" for r, l, p in self.history)
         atomic_write(self.eval_path, lambda f: f.write(text.encode()))

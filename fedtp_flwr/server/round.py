@@ -171,7 +171,8 @@ class TrainRound:
         if n < self.cfg.min_train_nodes:
             self.failure = (f"round {self.number}: {n} valid repl{'y' if n == 1 else 'ies'}, fewer than "
                             f"min-train-nodes={self.cfg.min_train_nodes}")
-            log(WARNING, "%s; round skipped, global model kept", self.failure)
+            log(WARNING, "%s; %s", self.failure, "round skipped, global model kept (allow-failed-rounds)"
+                if self.cfg.allow_failed_rounds else "the run stops as failed")
             return None, None
         untrained = sorted(set(range(self.cfg.world_size)) - {rank for _, rank, _, _ in self.accepted})
         if untrained:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from fedtp_flwr.model.context import adapter_shapes, context_rest, quantize_rest
 from fedtp_flwr.model.sharding import shard, slice_shapes
 from fedtp_flwr.wire import decode, encode, encode_quantized, record_nbytes
 
+from .identity import NodeOrder, OrderedGrid
 from .memory import PhasePeaks
 from .outer import DiLoCo
 from .pull import discard_replies
@@ -78,15 +80,20 @@ def message_ttl(round_timeout: float) -> float:
 
 
 def assign_ranks(node_ids: Iterable[int], server_round: int, world_size: int,
-                 enable_swapping: bool = False, swap_period: int = 2) -> dict[int, int]:
-    """Node -> rank. Nodes in id order take ranks 0, 1, ..., W-1, 0, 1, ... (more nodes than W: nodes that
-    share a rank are averaged). With swapping, every rank moves by +1 every `swap_period` rounds."""
+                 enable_swapping: bool = False, swap_period: int = 2,
+                 order: Callable[[int], Any] | None = None) -> dict[int, int]:
+    """Node -> rank. Nodes in `order` (a sort key; the server's is the identity each node states, the same in
+    every run; default: Flower's id) take ranks 0, 1, ..., W-1, 0, 1, ... (more nodes than W: nodes that share a
+    rank are averaged). With swapping, every rank moves by +1 every `swap_period` rounds."""
     shift = (server_round - 1) // swap_period if enable_swapping else 0
-    return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids))}
+    return {node: (i + shift) % world_size for i, node in enumerate(sorted(node_ids, key=order))}
 
 
 class FederatedTensorParallel(Strategy):
-    def __init__(self, args: ModelArgs, cfg: RunConfig, inner: FedAvg | None = None, output_dir: Path | None = None):
+    def __init__(self, args: ModelArgs, cfg: RunConfig, inner: FedAvg | None = None, output_dir: Path | None = None,
+                 identify_nodes: bool = False):
+        """identify_nodes: ask each node for its identity (a query message; the ServerApp does) and order nodes by
+        it, the same in every run; off, nodes are ordered by Flower's ids (a grid that only trains, in tests)."""
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
@@ -108,6 +115,8 @@ class FederatedTensorParallel(Strategy):
         self._late: dict[str, None] = {}
         self.spill_parent = Path(cfg.spill_dir or Path(output_dir or cfg.output_dir or "outputs") / "spill").expanduser()
         self.memory = PhasePeaks()
+        # The nodes in an order that is the same in every run (ranks, sampling): by the identity each states.
+        self.order = NodeOrder(cfg.round_timeout, message_ttl(cfg.round_timeout), ask=identify_nodes)
         self.failure: str | None = None  # why the last round closed without a merged model (too few replies)
         # server round -> (valid replies merged, "trained" | "skipped" | "refused"): what each round of start() did
         self.rounds_done: dict[int, tuple[int, str]] = {}
@@ -133,7 +142,8 @@ class FederatedTensorParallel(Strategy):
         """The round's messages, one list per rank (its nodes, in id order). Ranks are assigned now; a rank's
         records are built when its list is asked for and dropped when the next one is, so a caller that sends
         each list before asking for the next holds one rank's encoded slice at a time, not W of them."""
-        ranks = assign_ranks(node_ids, server_round, self.world_size, self.cfg.enable_swapping, self.cfg.swap_period)
+        ranks = assign_ranks(node_ids, server_round, self.world_size, self.cfg.enable_swapping, self.cfg.swap_period,
+                             order=self.order.key)
         self.ranks[server_round] = ranks
         model_args = json.dumps(self.args.to_params())
         if message_type == MessageType.TRAIN:
@@ -147,10 +157,10 @@ class FederatedTensorParallel(Strategy):
     def _rank_batches(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, ranks: dict[int, int],
                       message_type: str, model_args: str) -> Iterator[list[Message]]:
         sent = 0
-        node_ids = sorted(ranks)
+        node_ids = self.order.sorted(ranks)
         for rank in sorted(set(ranks.values())):
             records = self._rank_records(arrays, rank)
-            nodes = [n for n in sorted(node_ids) if ranks[n] == rank]
+            nodes = [n for n in node_ids if ranks[n] == rank]
             sent += len(nodes) * sum(record_nbytes(rec) for rec in records.values())
             batch = []
             for node in nodes:
@@ -188,7 +198,7 @@ class FederatedTensorParallel(Strategy):
                        grid: Grid) -> Iterator[list[Message]]:
         # The inner strategy samples the nodes and adds its own settings to the config.
         self.current = arrays
-        sampled = list(self.inner.configure_train(server_round, arrays, config, grid))
+        sampled = list(self.inner.configure_train(server_round, arrays, config, OrderedGrid(grid, self.order)))
         if not sampled:
             return iter(())
         inner_config = sampled[0].content["config"]
@@ -287,7 +297,7 @@ class FederatedTensorParallel(Strategy):
         """Off unless client-eval: then each node evaluates its own slice sub-model on its held-out data."""
         if not self.cfg.client_eval:
             return []
-        sampled = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        sampled = list(self.inner.configure_evaluate(server_round, arrays, config, OrderedGrid(grid, self.order)))
         nodes = [m.metadata.dst_node_id for m in sampled]
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
@@ -349,12 +359,13 @@ class FederatedTensorParallel(Strategy):
         evaluate_fn(round, arrays) evaluates a model on the server's held-out data (a MetricRecord with "loss");
         a merged model it finds non-finite or too much worse than the previous one is refused (the global
         model stays, the inner rule's state too) and the round goes on. record_fn(round, arrays, metrics, trained) is
-        called once per round with the global model the round ends with (trained: false when the round was skipped:
-        nothing to checkpoint).
+        called once per round with the global model the round ends with (trained: false when the round was skipped or
+        its merge refused: the model is an earlier round's, nothing to checkpoint).
 
         A round with fewer than min-train-nodes valid replies raises RunFailed (before it records anything), unless
         allow-failed-rounds (then it records no checkpoint). A refused merge (max-loss-increase) is a defence, not a
-        failure: the round records the model it kept. The last log line says what each round did (rounds_line)."""
+        failure: the round records the loss of the model it kept. A run in which no round trained raises RunFailed at
+        its end. The caller logs rounds_line() last, whatever happened."""
         log(INFO, "Starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
         self.summary()
         result, arrays = Result(), initial_arrays
@@ -389,7 +400,6 @@ class FederatedTensorParallel(Strategy):
                     outcome = "trained"
             self.rounds_done[rnd] = (merged, outcome)
             if outcome == "skipped" and not self.cfg.allow_failed_rounds:
-                log(WARNING, "%s", self.rounds_line())
                 raise RunFailed(f"{self.failure}: the run stops as failed, and this round writes no checkpoint "
                                 "(see the clients' errors above; allow-failed-rounds = true skips such a round and "
                                 "goes on)")
@@ -400,15 +410,19 @@ class FederatedTensorParallel(Strategy):
                 result.train_metrics_clientapp[rnd] = train_metrics
             self._evaluate_on_clients(rnd, arrays, evaluate_config, grid, timeout, result)
             self.memory.mark("evaluating")
-            if record_fn:
-                record_fn(rnd, arrays, kept, outcome != "skipped")
+            if record_fn:  # a refused or skipped round's model is the one an earlier round trained: no checkpoint
+                record_fn(rnd, arrays, kept, outcome == "trained")
             self.memory.mark("recording")
             log(INFO, "round %d: ServerApp peak RSS: %s", rnd, self.memory.line())
             log(INFO, "round %d took %.1f s", rnd, time.time() - t0)
         self._discard_late(grid)
         if result.arrays is None:
             result.arrays = arrays
-        log(INFO, "%s", self.rounds_line())
+        if not any(o == "trained" for _, o in self.rounds_done.values()):
+            raise RunFailed(f"no round trained ({self.rounds_line().removeprefix('fedtp-flwr: ')}): the run ends as "
+                            "failed; its global model is the one it started from (a refused merge: see "
+                            "max-loss-increase and the strategy's server learning rate; a skipped round: the clients' "
+                            "errors above)")
         return result
 
     def _train_round(self, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord, grid: Grid,

@@ -17,24 +17,31 @@ from flwr.app import Error, Message, MessageType
 from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.compat import ensure_run_identity, set_message_id
 from fedtp_flwr.config import RunConfig
+from fedtp_flwr.identity import identity_reply
 
 
 def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
     """What client_app.py does with one message."""
+    if msg.metadata.message_type.startswith(MessageType.QUERY):
+        return identity_reply(msg, node_config)
     reply = train_reply if msg.metadata.message_type == MessageType.TRAIN else evaluate_reply
     return reply(msg, cfg, node_config)
 
 
 class InProcessGrid:
-    """Nodes 1..N with the given node configs (e.g. partition-id/num-partitions or data-path)."""
+    """Nodes 1..N with the given node configs (e.g. partition-id/num-partitions or data-path); or, with `node_ids`,
+    the nodes those ids name in turn (Flower's simulation draws random ids in every run)."""
 
     def __init__(self, node_configs: list[dict[str, Any]], run_config: Mapping[str, Any],
-                 handler: Callable[[Message, RunConfig, Mapping[str, Any]], Message] = handle):
+                 handler: Callable[[Message, RunConfig, Mapping[str, Any]], Message] = handle,
+                 node_ids: list[int] | None = None):
         ensure_run_identity()  # Messages need a run id, as in a ServerApp process
-        self.node_configs = {i + 1: dict(c) for i, c in enumerate(node_configs)}
+        ids = node_ids if node_ids is not None else range(1, len(node_configs) + 1)
+        self.node_configs = {i: dict(c) for i, c in zip(ids, node_configs, strict=True)}
         self.cfg = RunConfig.from_run_config(run_config)
         self.handler = handler
-        self.delivered: list[Message] = []  # every message sent, for inspection
+        self.delivered: list[Message] = []  # every train / evaluate message sent, for inspection
+        self.queries: list[Message] = []  # the identity queries (fedtp_flwr/identity.py)
         self.replies: list[Message] = []  # every reply (error replies included), in the same order
         self._queued: dict[str, Message] = {}  # pushed, not yet pulled
 
@@ -57,11 +64,14 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
-            self.delivered.append(msg)
+            query = msg.metadata.message_type.startswith(MessageType.QUERY)  # the server's identity query
+            (self.queries if query else self.delivered).append(msg)
             try:
-                replies.append(self.handler(msg, self.cfg, self.node_configs[msg.metadata.dst_node_id]))
+                reply = self.handler(msg, self.cfg, self.node_configs[msg.metadata.dst_node_id])
             except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower
                 reason = "".join(traceback.format_exception_only(type(e), e)).strip()
-                replies.append(Message(Error(code=2, reason=reason), reply_to=msg))
-        self.replies.extend(replies)
+                reply = Message(Error(code=2, reason=reason), reply_to=msg)
+            replies.append(reply)
+            if not query:
+                self.replies.append(reply)
         return replies
