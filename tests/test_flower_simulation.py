@@ -12,11 +12,14 @@ checks of the outputs and logs are in tests/conftest.py. All tests here are mark
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedtp_flwr.server.outputs import run_folders
 from fedtp_flwr.testing import flower_harness as fh
 
 try:  # the run settings, output checks and log parsers shared with test_flower_deployment.py
@@ -81,3 +84,46 @@ def test_a_run_in_which_no_client_trained_ends_failed(tmp_path: Path) -> None:
         res.describe()
     assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in res.log_text, res.describe()
     assert not any((tmp_path / "outputs").rglob("*.pth"))
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Server-side settings each strategy trains with on this config (its merges are not refused: a refused round
+# writes no checkpoint to resume from).
+RESUMED_STRATEGIES = {"fedavg": {}, "fedadam": {"server-learning-rate": 0.01},
+                      "diloco": {"server-learning-rate": 1.0, "server-momentum": 0.5}}
+
+
+@pytest.mark.parametrize("strategy", sorted(RESUMED_STRATEGIES))
+def test_resume_through_flwr_run_is_the_uninterrupted_run(tmp_path: Path, strategy: str) -> None:
+    """Two `flwr run`s: 3 rounds uninterrupted, then a run resumed from its round-1 checkpoint. Each simulation
+    draws new random node ids; the nodes' ranks follow their partition ids, and the strategy's state (FedAdam's
+    moments, DiLoCo's momentum) and the `random` state come from the checkpoint, so rounds 2 and 3 are the same
+    bit for bit: every round's loss and the final weights. The resumed run writes a folder of its own and leaves
+    the first one as it was. (Two CPUs per client: the clients run one at a time, so replies arrive in the same
+    order in both runs, as the float32 sums of replicated parameters need for equal bits.)"""
+    out = tmp_path / "outputs"
+    cfg = small_config(out, **{"num-server-rounds": 3, "strategy": strategy, **RESUMED_STRATEGIES[strategy]})
+    first_res = fh.run_simulation(APP_DIR, cfg, num_supernodes=2, client_cpus=2, timeout_s=420)
+    first_res.assert_ok()
+    assert first_res.status == "finished:completed", first_res.describe()
+    (first,) = run_folders(out)
+    before = _files(first)
+    name = "llama32_tiny_ws2_lr0.001_round{}.pth"
+    resumed_res = fh.run_simulation(APP_DIR, {**cfg, "resume-from": str(first / "checkpoints" / name.format(1))},
+                                    num_supernodes=2, client_cpus=2, timeout_s=420)
+    resumed_res.assert_ok()
+    assert resumed_res.status == "finished:completed", resumed_res.describe()
+    assert _files(first) == before
+    (resumed,) = [f for f in run_folders(out) if f != first]
+    eval_file = "eval_res_llama32_ws2_r3.txt"
+    assert (resumed / eval_file).read_text() == (first / eval_file).read_text()  # every round's loss
+    for r in (2, 3):
+        a = torch.load(first / "checkpoints" / name.format(r), weights_only=True)["model_state_dict"]
+        b = torch.load(resumed / "checkpoints" / name.format(r), weights_only=True)["model_state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), r
+    # not vacuous: the two simulations gave the nodes other ids
+    ids = [set(map(int, re.findall(r"(\d+): partition", res.log_text))) for res in (first_res, resumed_res)]
+    assert ids[0] and ids[0] != ids[1], ids
