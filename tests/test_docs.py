@@ -1,7 +1,7 @@
 """The README is a front door and docs/ holds the rest: the README stays short, its first screen points into docs/
 (the configuration reference first), every link resolves, no file cites a document the repository lacks, and the
-facts the pages state about the code (the set-up commands, the keys a resumed run may change, checkpoint sizes) are
-checked against the code.
+facts the pages state about the code (the set-up commands, the keys a resumed run may change, checkpoint sizes, the
+first run's output) are checked against the code or against what it printed.
 
 The measured figures are held elsewhere: tests/test_readme_numbers.py, tests/test_readme_results.py and
 tests/test_config.py (the configuration tables).
@@ -9,6 +9,7 @@ tests/test_config.py (the configuration tables).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -169,3 +170,75 @@ def test_checkpoint_sizes_are_the_model_and_the_rules_state(server_identity):
         assert f"the last two {gb:.0f} GB checkpoints" in _text(recipe), recipe.name
     deployment = " ".join(_text(DOCS / "deployment.md").split())
     assert f"a {tiny[0]} checkpoint under `checkpoints/` ({tiny[1]} with DiLoCo, which keeps a momentum" in deployment
+
+
+# ------------------------------------------------------------------------------------------------ the first run
+
+def _first_run():
+    spec = importlib.util.spec_from_file_location("first_run", ROOT / "bench" / "first_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sample_region(readme: str) -> str:
+    fr = _first_run()
+    m = fr.BEGIN.search(readme)
+    assert m, "README.md: the first-run sample's begin marker is missing"
+    return readme[m.end():readme.index(fr.END)]
+
+
+def test_the_first_run_script_runs_the_readme_command():
+    fr = _first_run()
+    setup = re.findall(r"```bash\n(.*?)\n```", _text(README), re.S)[0]
+    assert setup.endswith(fr.COMMAND), (setup, fr.COMMAND)
+
+
+def test_the_first_run_sample_is_chosen_from_the_output_and_written_between_the_markers(tmp_path):
+    fr = _first_run()
+    work = tmp_path / "w"
+    stream = "\n".join([
+        "\x1b[92mLoading project configuration... \x1b[0m",
+        "Successfully started run 123",
+        "INFO :      fedtp-flwr: tokenizer Tokenizer(...); held-out ...",
+        f"INFO :      fedtp-flwr: llama3.2-tiny (33.2M parameters), world size 2, rounds 1..3, outputs in "
+        f"{work}/outputs/run-123",
+        "INFO :      round 0: held-out loss 11.7811, perplexity 130759.25 (4096 tokens)",
+        "INFO :      [ROUND 1/3]",
+        "INFO :      round 1: node -> rank {7: 0, 9: 1}; sending 264.2 MB (float32 slices)",
+        "(ClientAppActor pid=77) INFO :      round 1: held-out loss 1.0 (a client's line)",
+        "INFO :      round 1: 2 valid replies, 264.2 MB received",
+        "INFO :      round 1: held-out loss 10.9207, perplexity 55311.00 (4096 tokens)\r",
+        "INFO :      [ROUND 2/3]",
+        "INFO :      round 2: node -> rank {7: 0, 9: 1}; sending 264.2 MB (float32 slices)",
+        "INFO :      round 2: held-out loss 9.7973, perplexity 17985.51 (4096 tokens)",
+        "INFO :      fedtp-flwr: 2 of 2 rounds trained (1: 2 clients, 2: 2 clients)",
+    ])
+    lines = fr.normalize(stream, work)
+    assert f"outputs in {fr.CHECKOUT}/outputs/run-123" in lines[3] and "\x1b" not in "".join(lines)
+    sample = fr.select_sample(lines)
+    assert [s.split(":      ", 1)[1][:22] for s in sample] == [
+        "fedtp-flwr: llama3.2-t", "round 0: held-out loss", "[ROUND 1/3]", "round 1: node -> rank ",
+        "round 1: 2 valid repli", "round 1: held-out loss", "round 2: held-out loss", "fedtp-flwr: 2 of 2 rou"]
+    readme = "intro\n<!-- first-run sample: begin (x) -->\n<!-- first-run sample: pending -->\nOLD SAMPLE\n" \
+             "<!-- first-run sample: end -->\nrest\n"
+    new = fr.readme_with_sample(readme, sample, "2026-12-01")
+    assert new.startswith("intro\n") and new.endswith("<!-- first-run sample: end -->\nrest\n")
+    assert "pending" not in new and "OLD SAMPLE" not in new and all(s in new.splitlines() for s in sample)
+    with pytest.raises(ValueError, match="markers"):
+        fr.readme_with_sample("no markers", sample, "2026-12-01")
+
+
+def test_the_readme_first_run_lines_are_what_the_run_printed():
+    """Each line of the README's sample is a line of bench/results/first_run.log (what `python bench/first_run.py`
+    recorded of the README's first command), figures included."""
+    fr = _first_run()
+    region = _sample_region(_text(README))
+    if not fr.LOG.is_file():
+        assert "<!-- first-run sample: pending -->" in region, "the README's sample is not marked pending"
+        pytest.skip("bench/results/first_run.log is not there yet: run `python bench/first_run.py`, which records "
+                    "the README's first command and rewrites the sample from it")
+    assert "pending" not in region, "bench/results/first_run.log exists: run `python bench/first_run.py` again"
+    (code,) = re.findall(r"```\n(.*?)\n```", region, re.S)
+    printed = set(_text(fr.LOG).splitlines())
+    assert [line for line in code.splitlines() if line not in printed] == []
