@@ -52,7 +52,7 @@ from fedtp_flwr.model.sharding import shard_args, slice_shapes
 from fedtp_flwr.training import chunked_loss
 from fedtp_flwr.training.loop import STEP_BLOCK_VALUES
 
-# The run-config keys of a memory option, with today's defaults (README: "Llama 3.2 3B on GPUs").
+# The run-config keys of a memory option, with today's defaults (docs/memory.md: "Llama 3.2 3B on GPUs").
 BASELINE = {"slice-mode": "independent", "context-bits": 4, "context-group-size": 64, "vocab-parallel": False,
             "client-param-dtype": "float32", "optimizer": "adamw", "optimizer-in-backward": False,
             "precision": "bf16", "gradient-checkpointing": True, "loss-chunk-tokens": 0, "rest-adapter-rank": 0}

@@ -3,8 +3,9 @@
 `flwr run .` runs the defaults of pyproject.toml's [tool.flwr.app.config] on a local simulation with two
 SuperNodes (partition-id 0 and 1 of 2). This script runs the very same ServerApp logic (`server.run`), Strategy
 and ClientApp logic over `fedtp_flwr.testing.inprocess.InProcessGrid` with the same two partitions, in one process,
-and records what the README's "What a run prints and writes" shows: the held-out loss and perplexity after every
-round (round 0: before training), the megabytes of slices sent and received per round, and the wall time.
+and records the held-out loss and perplexity after every round (round 0: before training), the megabytes of slices
+sent and received per round, and the wall time. (What `flwr run .` itself prints, the README's first-run sample, is
+bench/first_run.py's.)
 Outputs (checkpoints, eval files) go to a temporary folder that is removed afterwards.
 
     python bench/main_run.py                 # the defaults (3 rounds of llama3.2-tiny)

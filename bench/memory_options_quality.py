@@ -11,7 +11,7 @@ held-out perplexity on Macbeth after every round.
 Every option is added to the context-mode baseline (int4 frozen rest, all-clients merge), alone and all
 together ("best", the 3B recipe's options), and compared with full-model FedAvg by its share of FedAvg's
 fine-tuning gain, (start ppl - final ppl) / (start ppl - FedAvg's final ppl), and by its final perplexity.
-The issue's bar for an option the README recommends: its gain share within 5 points of the baseline it
+The issue's bar for an option docs/memory.md recommends: its gain share within 5 points of the baseline it
 modifies, and a final perplexity within 2% of FedAvg's.
 
     python bench/memory_options_quality.py            # ~20-30 min on 2 busy CPU cores

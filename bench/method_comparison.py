@@ -16,7 +16,7 @@ other documents, one per node (non-IID), held-out perplexity of the global model
 
 Methods (full-parameter ones through the real `server.run` over the in-process grid, as learning_quality.py):
   fedavg          world size 1: every client trains the whole model
-  ctx-w2, ctx-w4  context slices, int4 frozen rest, all-clients merge (the README's recommendation)
+  ctx-w2, ctx-w4  context slices, int4 frozen rest, all-clients merge (docs/slice-modes.md's recommendation)
   ctx-best-w2/w4  the same with the memory options of the 3B recipes (memory_options_quality.BEST)
   ind-w2          independent slices (the user's method), per-rank merge
   lora-w2mem      federated LoRA: adapters from `peft` (every linear of every block: wq wk wv wo w1 w2 w3;

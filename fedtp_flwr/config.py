@@ -38,7 +38,7 @@ def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float
     (the field of the same name; TrainSettings' own checks are its rules, run at start by __post_init__, so each
     rule is written once); `resume_may_differ`, a resumed run may change it (every other key changes the math,
     so it must equal the checkpoint's); `advanced`, a key few runs set (defence tuning, memory and traffic
-    options a recipe sets, bookkeeping): the README lists it in its second table."""
+    options a recipe sets, bookkeeping): docs/configuration.md lists it in its second table."""
     meta = dict(key=name, help=help, choices=choices, minimum=minimum, exclusive_min=exclusive_min, train=train,
                 resume_may_differ=resume_may_differ, advanced=advanced)
     return field(default=default, metadata=meta)
@@ -235,7 +235,7 @@ def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
 
 
 def markdown_table(advanced: bool = False) -> str:
-    """One of the README's two configuration tables (python -m fedtp_flwr.config): the keys most runs set, or
+    """One of the two key tables of docs/configuration.md (python -m fedtp_flwr.config): the keys most runs set, or
     with `advanced` the others."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, f in RunConfig.keys().items():

@@ -1,4 +1,4 @@
-"""Public names kept from before the package was grouped by who runs the code (DESIGN.md): the plan lives in
+"""Public names kept from before the package was grouped by who runs the code (docs/architecture.md): the plan lives in
 `fedtp_flwr.model.sharding`, the merge in `fedtp_flwr.server.aggregation`. Nothing inside the package imports
 this module, so a ClientApp that uses `shard` never loads the server's merge code."""
 

@@ -1,4 +1,4 @@
-"""The bench scripts run end to end in their small modes and write the JSON the README quotes.
+"""The bench scripts run end to end in their small modes and write the JSON the README and docs/ quote.
 
 Each script runs as a subprocess exactly as a user runs it (`python bench/<name>.py ...`), writing into a
 temporary file instead of bench/results/. Together ~30 s on 2 CPU cores, so the scripts' runs are marked
@@ -156,7 +156,7 @@ def test_server_merge_quick(tmp_path):
 
 @pytest.mark.slow
 def test_main_run_records_every_rounds_held_out_loss(tmp_path):
-    """bench/main_run.py (the README's example numbers), on a byte-level model for speed."""
+    """bench/main_run.py (the README's first-run sample until bench/first_run.py replaces it), on a byte-level model for speed."""
     small = ['model="bytes-small"', 'tokenizer-path="bytes"', "local-steps=1", "eval-batches=1", "max-seq-len=32"]
     doc = run_bench("main_run.py", "--rounds", "2", *[x for s in small for x in ("--set", s)], out=tmp_path / "m.json")
     assert doc["run_config"]["model"] == "bytes-small" and doc["nodes"] == 2

@@ -1,4 +1,4 @@
-"""The learning-quality benchmark's smoke mode: it runs end to end and writes the JSON the README reads."""
+"""The learning-quality benchmark's smoke mode: it runs end to end and writes the JSON docs/slice-modes.md reads."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""The run config: one typed object, in step with pyproject.toml and the README."""
+"""The run config: one typed object, in step with pyproject.toml and docs/configuration.md."""
 
 from pathlib import Path
 
@@ -19,18 +19,20 @@ def test_pyproject_declares_every_key_with_the_same_default():
     assert RunConfig.from_run_config(declared) == RunConfig()
 
 
-def test_readme_holds_both_configuration_tables_as_generated():
-    """The README's tables are markdown_table()'s output, line for line (python -m fedtp_flwr.config): a key's
-    help, default or choices cannot drift from the code."""
+def test_the_configuration_reference_holds_both_tables_as_generated():
+    """docs/configuration.md's key tables are markdown_table()'s output, line for line (python -m fedtp_flwr.config):
+    a key's help, default or choices cannot drift from the code."""
     from fedtp_flwr.config import markdown_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme and markdown_table(advanced=True) in readme
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    for table in (markdown_table(), markdown_table(advanced=True)):
+        assert table in page, ("docs/configuration.md does not hold this table as `python -m fedtp_flwr.config` "
+                               "prints it; paste it in place of the old one:\n" + table)
 
 
-def test_readme_lists_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in RunConfig.keys() if f"`{k}`" not in readme]
+def test_the_configuration_reference_lists_every_key():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [k for k in RunConfig.keys() if f"`{k}`" not in page]
     assert not missing
 
 
@@ -42,7 +44,7 @@ def test_3b_recipe_parses():
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_small_gpu_recipes_parse_and_use_the_benchmarked_options(world_size):
-    """Each recipe is the "best" option of bench/client_memory.py, whose 3B figure the README quotes."""
+    """Each recipe is the "best" option of bench/client_memory.py, whose 3B figure docs/memory.md quotes."""
     import json
 
     recipe = tomllib.loads((ROOT / "configs" / f"llama32-3b-small-gpu-w{world_size}.toml").read_text())

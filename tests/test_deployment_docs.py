@@ -5,12 +5,15 @@ Convention: every ```bash block of the guide is preceded by ``<!-- doc-test: ROL
 test runs the blocks with bash, in a temp dir, on loopback, each "machine" with its own HOME and working
 directory: the server (also the operator, as the guide allows) in a copy of the checkout, a client machine
 with two SuperNodes, and a third machine whose key was never registered. Only host names, ports, the
-/srv/fedtp and /data paths and the <run-id> a previous command printed are substituted (`substitute`). A
-command is judged by its output, not only its exit status: `flwr supernode register` and `flwr run --stream`
-exit 0 when they fail. Every process the test starts carries a tag in its environment and is stopped in a
-`finally` (fedtp_flwr/flower_harness.py's terminate_tagged), also when a step fails.
+/srv/fedtp and /data paths, the <run-id> a previous command printed and the <node-name> of the key being
+registered are substituted (`substitute`). A command is judged by its output, not only its exit status:
+`flwr supernode register` and `flwr run --stream` exit 0 when they fail. Every process the test starts carries
+a tag in its environment and is stopped in a `finally` (fedtp_flwr/testing/flower_harness.py's
+terminate_tagged), also when a step fails. The guide keeps everything it writes out of the checkout (the
+SuperLink works in /srv/fedtp, keys and the CA certificate live in ~/.fedtp): the operator's copy of the checkout
+must hold exactly the files it started with when the guide is done.
 
-The README's "Real deployment" block is checked (quick tier) to hold only commands that the guide's tested
+The README's "Deployment in brief" block is checked (quick tier) to hold only commands that the guide's tested
 blocks contain, so it cannot drift from what runs.
 """
 
@@ -44,7 +47,7 @@ FENCE_RE = re.compile(r"^```bash$", re.M)
 #: The roles the slow test runs, each exactly once in the guide.
 RUN_ROLES = {"certs", "superlink", "superlink-ready", "cli-config", "node-key", "register", "node-data", "supernode",
              "second-node-key", "second-supernode", "nodes-online", "first-run", "run-status", "submit-run",
-             "stop-run", "stop-clientapps"}
+             "stop-run", "stop-clientapps", "stop-superlink"}
 RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 
 
@@ -87,7 +90,7 @@ def commands(code: str) -> list[str]:
 
 def readme_block() -> str:
     text = README.read_text(encoding="utf-8")
-    start = text.index("## Real deployment (SuperLink + SuperNodes)")
+    start = text.index("## Deployment in brief")
     section = text[start:text.index("\n## ", start + 1)]
     (code,) = re.findall(r"```bash\n(.*?)\n```", section, re.S)
     return code
@@ -108,7 +111,7 @@ def test_readme_deployment_commands_are_commands_the_guide_test_runs() -> None:
     assert len(readme) >= 5, readme
     for cmd in readme:
         assert any(cmd in t for t in tested), (
-            f"{README} 'Real deployment' command not in a tested block of {GUIDE}:\n  {cmd}")
+            f"{README} 'Deployment in brief' command not in a tested block of {GUIDE}:\n  {cmd}")
 
 
 # ----------------------------------------------------------------------------------------------- slow tier
@@ -133,7 +136,7 @@ class GuideRunner:
         self.background: dict[str, fh.ManagedProcess] = {}
         self.bin_dir = Path(sys.executable).parent  # flwr, flower-superlink ... of this Python (no pyenv shims)
 
-    def substitute(self, code: str, machine: Machine, run_id: int | None = None) -> str:
+    def substitute(self, code: str, machine: Machine, run_id: int | None = None, node: str | None = None) -> str:
         code = code.replace("superlink.example.org", "localhost").replace("203.0.113.10", "127.0.0.1")
         code = code.replace("0.0.0.0", "127.0.0.1")
         for old, new in machine.ports.items():
@@ -142,6 +145,8 @@ class GuideRunner:
         code = re.sub(r"(?<![\w/.-])/srv/fedtp", f"{self.root}/srv/fedtp", code)
         if run_id is not None:
             code = code.replace("<run-id>", str(run_id))
+        if node is not None:
+            code = code.replace("<node-name>", node)
         left = [cmd for cmd in commands(code) if re.search(r"<[a-z-]+>", cmd)]
         assert not left, f"a placeholder is left: {left}"
         return code
@@ -159,9 +164,9 @@ class GuideRunner:
         return env
 
     def run(self, role: str, machine: Machine, run_id: int | None = None, timeout: float = 120,
-            quiet: bool = False) -> tuple[int, str]:
+            quiet: bool = False, node: str | None = None) -> tuple[int, str]:
         """Run a block in the foreground -> (exit status, stdout + stderr)."""
-        code = self.substitute(self.blocks[role], machine, run_id)
+        code = self.substitute(self.blocks[role], machine, run_id, node)
         t0 = time.monotonic()
         res = subprocess.run(["bash", "-c", code], cwd=machine.cwd, env=self.env(machine), capture_output=True,
                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
@@ -220,6 +225,18 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not fh._is_zombie(pid)
+
+
 def node_statuses(out: str) -> dict[int, str]:
     return {int(n["node-id"]): n.get("status") for n in json.loads(out).get("nodes") or []}
 
@@ -255,34 +272,44 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         m.home.mkdir(parents=True)
         m.cwd.mkdir(parents=True)
     copy_checkout(server.cwd)
+    checkout_files = files_under(server.cwd)
+    srv = root / "srv" / "fedtp"  # the guide's /srv/fedtp
 
     g = GuideRunner(root, blocks)
     fh._TAG_PATHS[g.tag] = [str(root)]  # the harness's atexit net stops them even if this process dies
     try:
-        # 2. certificates (server), 3. SuperLink, ready
+        # 2. certificates (server, in /srv/fedtp), 3. SuperLink in the background, its pid recorded, ready
         rc, out = g.run("certs", server)
         assert rc == 0 and "certs/server.pem: OK" in out, out
-        superlink = g.start("superlink", server, "superlink")
+        assert (srv / "certs" / "ca.key").is_file() and not (server.cwd / "certs").exists()
+        rc, out = g.run("superlink", server)
+        assert rc == 0, out
+        superlink_pid = int((srv / "superlink.pid").read_text())
         g.poll("superlink-ready", server, lambda out: "SuperLink is up" in out, "up", timeout=60)
-        assert superlink.is_running()
+        assert is_alive(superlink_pid) and "flower-superlink" in fh._proc_cmdline(superlink_pid)
 
         # 4. the operator's connection (the operator works on the server, in the checkout)
         rc, out = g.run("cli-config", server)
         assert rc == 0 and "prod" in out and "local" in out, out
 
+        # ca.crt goes to ~/.fedtp on every client machine and the operator's (here the server's)
+        for m in (server, client, intruder):
+            (m.home / ".fedtp").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(srv / "certs" / "ca.crt", m.home / ".fedtp" / "ca.crt")
+
         # 5. keys: two on the client machine, one on a machine whose key nobody registers
         for role, m in (("node-key", client), ("second-node-key", client), ("node-key", intruder)):
             rc, out = g.run(role, m)
             assert rc == 0, out
-        for m in (client, intruder):  # ca.crt goes to every client machine
-            (m.cwd / "certs").mkdir()
-            shutil.copy2(server.cwd / "certs" / "ca.crt", m.cwd / "certs" / "ca.crt")
         registered = []
-        for key_dir in (".fedtp", ".fedtp-b"):  # "send node-key.pub to the operator"
-            shutil.copy2(client.home / key_dir / "node-key.pub", server.cwd / "node-key.pub")
-            rc, out = g.run("register", server)
+        for name in ("client-a", "client-b"):  # "send ~/.fedtp/<name>-key.pub to the operator"
+            (server.home / ".fedtp" / "node-keys").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(client.home / ".fedtp" / f"{name}-key.pub",
+                         server.home / ".fedtp" / "node-keys" / f"{name}-key.pub")
+            rc, out = g.run("register", server, node=name)
             assert rc == 0 and '"success": true' in out, out
             registered.append(int(json.loads(out)["node-id"]))
+        assert len(set(registered)) == 2, registered  # two keys, two nodes: neither file replaced the other
 
         # 6. the nodes' data (the guide makes it), SuperNodes; the unregistered one is refused and named in the
         # SuperLink's own log
@@ -296,11 +323,11 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         assert "Failed to activate SuperNode" in refused.output, refused.output[-3000:]
         assert "SuperNode ID" not in refused.output
         refusal = re.compile(r"activate-node.*No SuperNode found with the given public key")
+        superlink_log = srv / "superlink.log"  # the log the guide names
         deadline = time.monotonic() + 10
-        while not refusal.search(superlink.output):
-            assert time.monotonic() < deadline, superlink.output[-3000:]
+        while not refusal.search(superlink_log.read_text()):
+            assert time.monotonic() < deadline, superlink_log.read_text()[-3000:]
             time.sleep(0.5)
-        assert refusal.search((server.cwd / "superlink.log").read_text())  # the tee'd log the guide names
         g.poll("nodes-online", server,
                lambda out: [node_statuses(out).get(n) for n in registered] == ["online", "online"], "both online")
 
@@ -310,7 +337,7 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         assert re.search(r'"status":\s*"finished:completed"', status), status[-3000:] + g.logs()
         assert "round 1: held-out loss" in status and "round 1: 2 valid replies" in status, status[-3000:]
         assert "fedtp-flwr: 1 of 1 round trained (1: 2 clients)" in status, status[-3000:]
-        outputs = server.cwd / "outputs"
+        outputs = srv / "outputs"  # the SuperLink's working directory, not the checkout
         history = next(iter(read_results(outputs / "experiment_results_llama32.pkl").values()))
         assert [r for r, _, _ in history] == [0, 1] and history[-1][1] < history[0][1], history
         run_dir = outputs / f"run-{first}"
@@ -342,7 +369,8 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         while clientapps(g.tag):
             assert time.monotonic() < deadline, f"ClientApps left after stop-clientapps: {clientapps(g.tag)}"
             time.sleep(0.5)
-        assert all(g.background[n].is_running() for n in ("superlink", "supernode-a", "supernode-b")), g.logs()
+        assert is_alive(superlink_pid) and all(g.background[n].is_running() for n in ("supernode-a", "supernode-b")), \
+            g.logs()
 
         # the nodes take the next run at once (each one's ClientApp answers it); without the data files no node
         # trains: the run ends failed, each node's DataError in its log
@@ -356,6 +384,16 @@ def test_the_deployment_guide_runs_as_written(tmp_path: Path) -> None:
         assert "no such file or directory" in status, status[-3000:]
         assert "round 1: 0 valid replies, fewer than min-train-nodes=1" in status, status[-3000:]
         assert not (outputs / f"run-{third}" / "checkpoints").exists()
+
+        # the SuperLink stops by the pid it recorded (no pattern that would stop other SuperLinks), and the
+        # operator's checkout holds exactly what it held before the guide ran
+        rc, out = g.run("stop-superlink", server)
+        assert rc == 0, out
+        deadline = time.monotonic() + 30
+        while is_alive(superlink_pid):
+            assert time.monotonic() < deadline, f"the SuperLink (pid {superlink_pid}) still runs after stop-superlink"
+            time.sleep(0.5)
+        assert files_under(server.cwd) == checkout_files
     finally:
         survivors = g.stop_all()
         fh._TAG_PATHS.pop(g.tag, None)
@@ -371,9 +409,11 @@ def test_register_without_the_connection_fails_with_exit_status_0(tmp_path: Path
     operator = Machine("operator", tmp_path / "home", tmp_path / "work")
     operator.home.mkdir()
     operator.cwd.mkdir()
-    _, pub = fh.make_node_keypair(operator.cwd, "node-key")
-    assert pub == operator.cwd / "node-key.pub"
-    rc, out = g.run("register", operator)
+    keys = operator.home / ".fedtp" / "node-keys"
+    keys.mkdir(parents=True)
+    _, pub = fh.make_node_keypair(keys, "client-a-key")
+    assert pub == keys / "client-a-key.pub"
+    rc, out = g.run("register", operator, node="client-a")
     assert rc == 0, out
     answer = json.loads(out)
     assert answer["success"] is False and "SuperLink connection 'prod' not found" in answer["error-message"], out

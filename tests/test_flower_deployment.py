@@ -279,7 +279,8 @@ def test_supernodes_train_on_their_own_data_and_a_late_reply_is_removed_unread(t
             while not run_over.is_set() and "received the rank" not in slow.output:
                 time.sleep(0.05)
             paused.extend(dep.signal_clientapps(slow, signal.SIGSTOP))
-            while not run_over.is_set() and not all("Sent successfully" in n.output for n in fast):
+            # each fast node's second reply (the first answers the server's identity query) is its slice
+            while not run_over.is_set() and not all(n.output.count("Sent successfully") >= 2 for n in fast):
                 time.sleep(0.1)
             time.sleep(3.0)  # the server pulls the two replies and ends the round (it polls every second)
             dep.signal_clientapps(slow, signal.SIGCONT)

@@ -254,7 +254,7 @@ def test_the_key_is_refused_outside_context_mode_with_all_clients_mean():
 
 
 def test_at_3b_the_adapters_are_under_one_percent_of_the_slice():
-    """What the README says of the upload: rank-16 factors at W=2 are 17.0M values beside a 1.80B slice."""
+    """What docs/slice-modes.md says of the upload: rank-16 factors at W=2 are 17.0M values beside a 1.80B slice."""
     import math
 
     from fedtp_flwr.model import preset_args

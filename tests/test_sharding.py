@@ -7,7 +7,7 @@ import torch
 
 from fedtp_flwr.model import ModelArgs, Transformer, build_model
 from fedtp_flwr.model.transformer import rope_tables
-from fedtp_flwr.sharding import (  # the public names (DESIGN.md)
+from fedtp_flwr.sharding import (  # the public names (docs/architecture.md)
     merge,
     rule_for,
     shard,

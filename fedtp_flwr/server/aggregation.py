@@ -224,7 +224,7 @@ def merge(
     W a power of two, merge(shard(...)) is the identity bit for bit.
 
     A thin caller of the server's merge (`aggregate_slices`, one reply per rank), so the tests of either
-    prove the other. Public as `fedtp_flwr.sharding.merge` (DESIGN.md)."""
+    prove the other. Public as `fedtp_flwr.sharding.merge` (docs/architecture.md)."""
     world_size = len(shards)
     check_world_size(args, world_size, vocab_parallel)
     keys = list(shards[0].keys())

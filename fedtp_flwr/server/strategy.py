@@ -9,7 +9,7 @@ exactly as it would to a plain FedAvg average.
 
 Replies stream: `start` pulls them one at a time (streaming.receive) and each is checked, folded into running
 sums (aggregation.WeightedFold) and released before the next, so the server's memory does not grow with the
-number of clients (README, "Server memory"). `aggregate_train` does the same over a list.
+number of clients (docs/server-memory.md). `aggregate_train` does the same over a list.
 """
 
 from __future__ import annotations
