@@ -1,4 +1,4 @@
-"""Instruction and chat records, rendered in the Llama 3 chat format with a loss mask on the responses.
+"""Instruction and chat records, rendered in a chat format with a loss mask on the responses.
 
 Two JSONL record shapes (one JSON object a line):
 
@@ -7,7 +7,17 @@ Two JSONL record shapes (one JSON object a line):
 - chat: `{"messages": [{"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}, ...]}`
   with at least one assistant message.
 
-Either may carry a string "source" for non-IID partitioning, as text records do. A record becomes
+Either may carry a string "source" for non-IID partitioning, as text records do.
+
+When the tokenizer's folder has its own chat template (`HFTokenizer.chat_template`: SmolLM2's ChatML, a
+Llama 3.x Instruct template, ...), a record is rendered with it, as transformers' `apply_chat_template`
+renders it (`template.py`). The loss then counts, for each assistant message, the tokens it adds to the
+rendering after the conversation before it and the generation prompt, up to and including its last stop
+token (ChatML: the answer and <|im_end|>, not the newline after it). A template that renders the
+conversation so far differently from the start of the whole one (one that drops earlier reasoning, say) is
+refused: the answer tokens could not be told apart.
+
+Otherwise (the built-in tiktoken tokenizer, or a folder without a template) a record becomes
 
     <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ... (each message)
 
@@ -82,8 +92,10 @@ def chat_token_ids(tokenizer) -> dict[str, int]:
     special = getattr(tokenizer, "special_tokens", {})
     missing = [name for name in CHAT_TOKENS if name not in special]
     if missing:
-        raise DataError(f"instruction and chat data are rendered in the Llama 3 chat format, but the tokenizer "
-                        f"{tokenizer!r} has no special token(s) {missing}; use a Llama 3 tokenizer, or plain text data")
+        raise DataError(f"instruction and chat data are rendered in the Llama 3 chat format when the tokenizer's "
+                        f"folder has no chat template, but the tokenizer {tokenizer!r} has no special token(s) "
+                        f"{missing}; use a Llama 3 tokenizer, a tokenizer folder with a chat template, or plain "
+                        f"text data")
     return {name: special[name] for name in CHAT_TOKENS}
 
 
@@ -106,7 +118,11 @@ def _blank_line_then(tokenizer, content: str) -> tuple[list[int], list[int]]:
 
 
 def encode_chat(chat: Chat, tokenizer) -> tuple[list[int], list[bool]]:
-    """(token ids, mask): mask[i] is True when token i is a response token the loss counts."""
+    """(token ids, mask): mask[i] is True when token i is a response token the loss counts. Rendered with the
+    tokenizer folder's chat template when it has one, else in the Llama 3 format (the module docstring)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        return _encode_with_template(chat, template, set(tokenizer.stop_tokens))
     special = chat_token_ids(tokenizer)
     ids, mask = [tokenizer.bos_id], [False]
     for role, content in chat.messages:
@@ -119,7 +135,42 @@ def encode_chat(chat: Chat, tokenizer) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
+def _encode_with_template(chat: Chat, template, stops: set[int]) -> tuple[list[int], list[bool]]:
+    """The whole conversation's ids; each answer found as text (what its message adds to the rendering after
+    the conversation before it and the generation prompt), then as the tokens that start in it (and one that
+    straddles its start), up to its last stop token. As text, not as token prefixes: a prompt that ends in
+    a blank line may be one token alone and two before the answer (GPT-2's pre-tokenizer splits "\\n\\nLima")."""
+    messages = list(chat.messages)
+    rendered = template.render(messages, False)
+    text = template.text(rendered)
+    ids, spans = template.encode_rendered(rendered)
+    mask = [False] * len(ids)
+
+    def prefix_length(i: int, with_answer: bool) -> int:  # i: the assistant message's index
+        part = template.text(template.render(messages[:i + with_answer], add_generation_prompt=not with_answer))
+        if not text.startswith(part):
+            what = "(with the answer)" if with_answer else "(its prompt)"
+            raise DataError(
+                f"the chat template of {template.where} renders the conversation up to message {i + 1} "
+                f"{what} differently from how it renders the start of the whole conversation, so the answer's "
+                f"tokens cannot be told apart (roles: {[r for r, _ in messages]})")
+        return len(part)
+
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        start, end = prefix_length(i, with_answer=False), prefix_length(i, with_answer=True)
+        answer = [j for j, (a, b) in enumerate(spans) if start <= a < end or a < start < b]
+        last = next((j for j in reversed(answer) if ids[j] in stops), None)
+        for j in answer if last is None else [j for j in answer if j <= last]:
+            mask[j] = True
+    return ids, mask
+
+
 def encode_prompt(messages: list[tuple[str, str]], tokenizer) -> list[int]:
     """A conversation so far, then the assistant header: what a model answers (generation)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        return template.ids(list(messages), add_generation_prompt=True)
     ids, _ = encode_chat(Chat(tuple(messages), ""), tokenizer) if messages else ([tokenizer.bos_id], [])
     return ids + header_ids(tokenizer, "assistant")

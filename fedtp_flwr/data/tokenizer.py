@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import tiktoken
 
 from .errors import DataError
+from .template import SPECIAL_TOKEN_NAMES, TEMPLATE_FILE, ChatTemplate, read_chat_template
 
 # Llama 3 pre-tokenizer: contractions, letter runs (with one leading non-letter), 1-3 digit groups,
 # punctuation runs (with trailing newlines), newline runs, other whitespace.
@@ -230,7 +231,10 @@ class HFTokenizer:
     then `<s>`, `</s>`, `<pad>`, `<|endoftext|>`); pad falls back to eos. `stop_tokens` are eos, every
     eos id the configs list (Llama 3.x Instruct: 128001, 128008, 128009) and `<|eot_id|>` if present.
     As with the other tokenizers, special tokens are never produced from text: "<|eot_id|>" inside a
-    string is encoded as the characters it is made of; `special_tokens` (name -> id) gives the real ids."""
+    string is encoded as the characters it is made of; `special_tokens` (name -> id) gives the real ids.
+
+    `chat_template` is the folder's own chat template (`template.ChatTemplate`: chat_template.jinja or the
+    one in tokenizer_config.json), None when it has none; chat data is then rendered with it (`chat.py`)."""
 
     _ROLES = {"bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
               "eos": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
@@ -269,6 +273,33 @@ class HFTokenizer:
         eot = self.special_tokens.get("<|eot_id|>")
         self.stop_tokens = list(dict.fromkeys(
             [self.eos_id, *(i for i in ids.get("eos", []) if 0 <= i < self.n_words), *([eot] if eot is not None else [])]))
+        self.chat_template = self._read_chat_template(Path(path).parent)
+
+    def _read_chat_template(self, folder: Path) -> Optional[ChatTemplate]:
+        config = _read_config(folder / "tokenizer_config.json")
+        source = read_chat_template(folder, config)
+        if source is None:
+            return None
+        names = {**_read_config(folder / "special_tokens_map.json"), **config}  # as transformers merges them
+        token_map = {key: _token_name(names.get(key)) for key in SPECIAL_TOKEN_NAMES}
+        with_specials = None
+
+        def encode_with_specials(text: str):  # a second tokenizer: the first keeps specials as text
+            nonlocal with_specials
+            if with_specials is None:
+                from tokenizers import Tokenizer as _Tokenizer
+
+                with_specials = _Tokenizer.from_str(self._tok.to_str())
+                with_specials.encode_special_tokens = False
+            encoding = with_specials.encode(text, add_special_tokens=False)
+            return encoding.ids, encoding.offsets
+
+        def encode_plain(text: str):
+            encoding = self._tok.encode(text, add_special_tokens=False)
+            return encoding.ids, encoding.offsets
+
+        return ChatTemplate(source, str(folder), {k: v for k, v in token_map.items() if v is not None},
+                            self.special_tokens, encode_with_specials, encode_plain)
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
@@ -280,7 +311,8 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def __repr__(self) -> str:
-        return f"HFTokenizer({self.path!r}, n_words={self.n_words})"
+        template = ", its own chat template" if self.chat_template is not None else ""
+        return f"HFTokenizer({self.path!r}, n_words={self.n_words}{template})"
 
 
 def _token_name(value) -> Optional[str]:
@@ -345,7 +377,7 @@ def load_tokenizer(path: str | Path | None = None,
     return Tokenizer(path or None)
 
 
-HF_TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", TEMPLATE_FILE)
 
 
 # The Llama 3 chat template, rendering exactly what chat.encode_chat / encode_prompt do (transformers'
@@ -362,9 +394,10 @@ def save_hf_tokenizer(tokenizer: Tokenizer | ByteTokenizer | HFTokenizer, out_di
     """Write `tokenizer` into a Hugging Face folder as tokenizer.json + tokenizer_config.json, so that
     `transformers.AutoTokenizer.from_pretrained(out_dir)` gives the same ids. A tokenizer.json is copied with
     the configs beside it; a tiktoken tokenizer.model is converted with transformers' TikTokenConverter
-    (when transformers is installed). A tokenizer with the Llama 3 chat tokens gets LLAMA3_CHAT_TEMPLATE
-    when its config has no chat template. Returns the names written ([] when the tokenizer cannot be
-    written: the byte tokenizer, or tiktoken without transformers)."""
+    (when transformers is installed), and a folder's chat_template.jinja is copied. A tokenizer with the
+    Llama 3 chat tokens and no chat template of its own gets LLAMA3_CHAT_TEMPLATE (the format training used).
+    Returns the names written ([] when the tokenizer cannot be written: the byte tokenizer, or tiktoken
+    without transformers)."""
     import shutil
 
     out_dir = Path(out_dir)
@@ -392,7 +425,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer | ByteTokenizer | HFTokenizer, out_di
         written = ["tokenizer.json"]
     else:
         return []
-    if "chat_template" not in config and all(t in tokenizer.special_tokens for t in _CHAT_TOKENS):
+    if ("chat_template" not in config and TEMPLATE_FILE not in written
+            and all(t in tokenizer.special_tokens for t in _CHAT_TOKENS)):
         config["chat_template"] = LLAMA3_CHAT_TEMPLATE
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return written + ["tokenizer_config.json"]

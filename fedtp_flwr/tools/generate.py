@@ -6,9 +6,11 @@
 
 A run checkpoint (.pth) brings its own model args and the run's tokenizer (its tokenizer-path /
 checkpoint-dir settings); a Meta or Hugging Face folder brings its tokenizer if it has one (else Llama 3's);
---tokenizer overrides either. --chat wraps the prompt in the Llama 3 chat format (as the alpaca and chat
-data formats train it) and stops at <|eot_id|>. The model has no KV cache (it is built for training), so
-each new token reruns the whole (at most max_seq_len) window: fine for trying a model, not for serving it.
+--tokenizer overrides either. --chat wraps the prompt as the alpaca and chat data formats train it: in the
+tokenizer folder's own chat template when it has one, else in the Llama 3 chat format; generation stops at
+the tokenizer's stop tokens (<|eot_id|>, or the folder's end of turn such as SmolLM2's <|im_end|>). The
+model has no KV cache (it is built for training), so each new token reruns the whole (at most max_seq_len)
+window: fine for trying a model, not for serving it.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .pth written by a fedtp-flwr run, or a Meta / Hugging Face folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama 3 chat format")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer folder's chat template (else Llama 3's)")
     p.add_argument("--system", help="a system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top-p", type=float, help="sample from this nucleus (default: greedy)")
