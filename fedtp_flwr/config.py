@@ -85,7 +85,7 @@ class RunConfig:
     tokenizer_path: str = _key("tokenizer-path", "", 'a Hugging Face tokenizer.json, a tiktoken tokenizer.model, or "bytes" (UTF-8 bytes, 260 ids, for small models); empty: the checkpoint-dir folder\'s own tokenizer if it has one, else the Llama 3 one llama-models ships')
     train_data: str = _key("train-data", "", "training .txt/.jsonl file or directory; empty: the built-in corpus")
     eval_data: str = _key("eval-data", "", "held-out .txt/.jsonl file or directory; empty: the built-in corpus")
-    data_format: str = _key("data-format", "auto", "records of the .jsonl data: text, alpaca (instruction, input, output) or chat (messages); alpaca and chat are rendered in the Llama 3 chat format with the loss on the responses only; auto: detected per file", choices=DATA_FORMATS)
+    data_format: str = _key("data-format", "auto", "records of the .jsonl data: text, alpaca (instruction, input, output) or chat (messages); alpaca and chat are rendered in the tokenizer folder's own chat template (else the Llama 3 chat format) with the loss on the responses only; auto: detected per file", choices=DATA_FORMATS)
     partitioning: str = _key("partitioning", "iid", "how simulation partitions split train-data", choices=SCHEMES, advanced=True)
     packing: bool = _key("packing", True, "pack examples into full max-seq-len sequences (no padding)", advanced=True)
     max_seq_len: int = _key("max-seq-len", 64, "tokens per training sequence", minimum=2)
