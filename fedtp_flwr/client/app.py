@@ -15,13 +15,14 @@ import math
 import signal
 import threading
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
+from fedtp_flwr.compat import ErrorCode
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.data import (
     ByteTokenizer,
@@ -251,15 +252,56 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def error_line(e: BaseException, limit: int = 2000) -> str:
+    """An exception as one line, its type and message ("DataError: /data/a.jsonl:3: invalid JSON: ..."): what an
+    error reply carries, so that the server logs the same line in simulation and in deployment."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    line = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+# Errors whose message is the whole story (bad data, a bad setting, a refused shape, no memory): one line on the
+# node, the traceback at DEBUG (FLWR_LOG_LEVEL=DEBUG). Any other exception is a bug: its traceback at ERROR.
+USER_ERRORS = (ValueError, MemoryError, torch.OutOfMemoryError)
+
+
+def error_reply(msg: Message, e: Exception, work: str) -> Message:
+    """Flower's error reply (code 2, as for an exception Flower catches) whose reason is `error_line(e)`.
+
+    Why not let Flower catch it: in simulation its reason is Ray's whole remote traceback (thousands of
+    characters, cut in the server's log) and Flower logs that traceback twice more; replying here makes the reason
+    the one line in both runtimes. The node logs the line (and the traceback, see USER_ERRORS)."""
+    line = error_line(e)
+    config = msg.content.config_records.get("config")
+    where = f"round {config['server-round']}: " if config is not None and "server-round" in config else ""
+    if isinstance(e, USER_ERRORS):
+        log(ERROR, "%sthis node could not %s: %s", where, work, line)
+        log(DEBUG, "the traceback of that error:", exc_info=e)
+    else:
+        log(ERROR, "%sthis node could not %s: %s", where, work, line, exc_info=e)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=line), reply_to=msg)
+
+
 def train_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
-    """The ClientApp's train handler: the server's message in, the reply with the trained slice out."""
-    with stop_on_sigterm():
-        records = train_slice(msg.content, cfg, node_config)
+    """The ClientApp's train handler: the server's message in, the reply with the trained slice out (or an
+    error reply naming what went wrong)."""
+    try:
+        with stop_on_sigterm():
+            records = train_slice(msg.content, cfg, node_config)
+    except ClientAppStopped:
+        raise  # Flower's own error reply, and the ClientApp process ends as failed
+    except Exception as e:  # noqa: BLE001 - any failure of the node's work becomes the reply
+        return error_reply(msg, e, "train its slice")
     return Message(RecordDict(records), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
-    """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data."""
-    with stop_on_sigterm():
-        metrics = evaluate_slice(msg.content, cfg, node_config)
+    """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data (or an error reply)."""
+    try:
+        with stop_on_sigterm():
+            metrics = evaluate_slice(msg.content, cfg, node_config)
+    except ClientAppStopped:
+        raise
+    except Exception as e:  # noqa: BLE001
+        return error_reply(msg, e, "evaluate its slice")
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
