@@ -7,6 +7,7 @@ in step). An invalid value stops the run with a message naming the key, the valu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -199,7 +200,7 @@ class RunConfig:
         known = cls.keys()
         unknown = sorted(set(run_config) - set(known))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError("; ".join(unknown_key(k) for k in unknown))
         values = {}
         for key, f in known.items():
             if key in run_config:
@@ -213,6 +214,15 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def unknown_key(key: str) -> str:
+    """What to say about a key that is not the app's: the closest valid key, if one is close."""
+    known = list(RunConfig.keys())
+    spelled = key.strip().lower().replace("_", "-")  # learning_rate, Learning-Rate: the key in its own spelling
+    close = [spelled] if spelled in known else difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "python -m fedtp_flwr.config lists the keys"
+    return f"unknown config key {key!r}: {hint}"
 
 
 def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
