@@ -41,7 +41,15 @@ from fedtp_flwr.model import ModelArgs, Transformer
 from fedtp_flwr.model.context import adapter_target, build_context_model, rest_from_arrays
 from fedtp_flwr.model.sharding import shard_args, slice_shapes
 from fedtp_flwr.training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
-from fedtp_flwr.wire import decode, dequantized, encode, encode_delta, record_nbytes
+from fedtp_flwr.wire import (
+    DOWNLOAD_CODEC_BITS,
+    UPLOAD_CODEC_BITS,
+    decode,
+    dequantized,
+    encode,
+    encode_delta,
+    record_nbytes,
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,13 @@ class SliceJob:
                        int(config["rest-adapter-rank"]), str(config["upload-codec"]), str(config["download-codec"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
+
+    def __post_init__(self):
+        for key, codec, known in (("upload-codec", self.upload_codec, UPLOAD_CODEC_BITS),
+                                  ("download-codec", self.download_codec, DOWNLOAD_CODEC_BITS)):
+            if codec not in known:
+                raise ValueError(f"the server asks for {key} {codec!r}, which this client does not know "
+                                 f"(it knows {list(known)}): the server runs another version of the app")
 
 
 def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
@@ -192,7 +207,7 @@ def received_slice(job: SliceJob, arrays: ArrayRecord, dtype: torch.dtype | None
     """The slice the server sent (all of it, or `names`): in wire-dtype, or dequantized (download-codec)."""
     if names is not None:
         arrays = ArrayRecord({k: a for k, a in arrays.items() if k.rpartition(":")[0] in names or k in names})
-    bits = {"int8": 8, "int4": 4}.get(job.download_codec)
+    bits = DOWNLOAD_CODEC_BITS[job.download_codec]
     if bits is None:
         return decode(arrays, job.wire_dtype, dtype=dtype, copy=dtype is not None)
     shapes = slice_shapes(job.args, job.world_size, job.vocab_parallel)
@@ -202,7 +217,7 @@ def received_slice(job: SliceJob, arrays: ArrayRecord, dtype: torch.dtype | None
 def upload(state: dict[str, torch.Tensor], received: ArrayRecord, job: SliceJob, seed: int) -> dict[str, ArrayRecord]:
     """What the reply carries of the trained model: {"arrays": the slice in the wire dtype} (upload-codec
     "weights"), or {"arrays": the rest adapters' factors (if any), "delta": the slice's update, low-bit}."""
-    bits = {"int8-delta": 8, "int4-delta": 4}.get(job.upload_codec)
+    bits = UPLOAD_CODEC_BITS[job.upload_codec]
     if bits is None:
         return {"arrays": encode(state, job.wire_dtype)}
     adapters = {k: state.pop(k) for k in list(state) if adapter_target(k) is not None}  # deltas already
