@@ -52,6 +52,7 @@ for _dist in SUPPORTED:
 # Imported after the version check, so that a moved name cannot hide the check's clearer message.
 from flwr.app import Metadata  # noqa: E402
 from flwr.app.message import make_message  # noqa: E402  - builds a Message with given metadata (reply stand-ins)
+from flwr.common.config import parse_config_args  # noqa: E402  - how `flwr run --run-config` reads its overrides
 from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest  # noqa: E402  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # noqa: E402  # pylint: disable=E0611
@@ -80,7 +81,7 @@ __all__ = [
     "SUPPORTED", "array_layout", "build_fab", "check_version", "ensure_run_identity", "fab_include_patterns",
     "inflatable_class", "make_message", "make_pull_object_fn_protobuf", "now", "object_body", "object_head",
     "restore_strategy_state", "runtime_client", "set_message_id", "snapshot_strategy_state", "strategy_state",
-    "load_strategy_state", "torchao_adamw", "trim_mean",
+    "load_strategy_state", "parse_config_args", "torchao_adamw", "trim_mean",
 ]
 
 

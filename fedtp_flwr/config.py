@@ -7,6 +7,7 @@ in step). An invalid value stops the run with a message naming the key, the valu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -14,15 +15,15 @@ from typing import Any, Mapping
 # server's merge rules are declared here instead, so that the ClientApp never imports the server's code).
 from fedtp_flwr.data.files import FORMATS as DATA_FORMATS
 from fedtp_flwr.data.partition import SCHEMES
-from fedtp_flwr.model.quant import BITS
+from fedtp_flwr.model.context import CONTEXT_BITS
 from fedtp_flwr.training.settings import LR_SCHEDULES, OPTIMIZERS, PARAM_DTYPES, PRECISIONS, SettingError, TrainSettings
-from fedtp_flwr.wire import DELTA_GROUP, WIRE_DTYPES
+from fedtp_flwr.wire import DELTA_GROUP, DOWNLOAD_CODEC_BITS, UPLOAD_CODEC_BITS, WIRE_DTYPES
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
 SLICE_MODES = ("independent", "context")
-UPLOAD_CODECS = ("weights", "int8-delta", "int4-delta")  # client/app.py encodes, server/replies.py checks
-DOWNLOAD_CODECS = ("wire", "int8", "int4")  # server/strategy.py encodes, client/app.py decodes
+UPLOAD_CODECS = tuple(UPLOAD_CODEC_BITS)  # client/app.py encodes, server/replies.py checks
+DOWNLOAD_CODECS = tuple(DOWNLOAD_CODEC_BITS)  # server/strategy.py encodes, client/app.py decodes
 # rest-adapter-rank's auto value (bench/adapter_comparison.py ran rank 16 at 10x the learning rate)
 AUTO_REST_ADAPTER_RANK = 16
 WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split parameter's replies are weighted
@@ -65,7 +66,7 @@ class RunConfig:
     download_codec: str = _key("download-codec", "wire", "how the server sends a client its slice: in wire-dtype, or blockwise absmax int8 / int4 (" f"{DELTA_GROUP} values per float32 scale); the client trains from the dequantized slice and uploads its update, which the server adds to its float32 master (needs an upload-codec delta)", choices=DOWNLOAD_CODECS)
     wire_dtype: str = _key("wire-dtype", "float32", "dtype of slices on the wire", choices=tuple(WIRE_DTYPES))
     slice_mode: str = _key("slice-mode", "independent", "independent sub-models or slices trained in a frozen context", choices=SLICE_MODES)
-    context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=BITS)
+    context_bits: int = _key("context-bits", 8, "bits of the frozen context in context mode", choices=CONTEXT_BITS)
     context_group_size: int = _key("context-group-size", 64, "columns per absmax scale of the frozen context (0: one scale per row)", minimum=0, advanced=True)
     merge_weighting: str = _key("merge-weighting", "auto", "per-rank or all-clients (auto: per-rank if independent, all-clients if context)", choices=MERGE_WEIGHTINGS, advanced=True)
     rest_adapter_rank: int = _key("rest-adapter-rank", -1, "context mode: rank of a low-rank adapter each client trains over the frozen rest of every split linear of the blocks; the server folds each client's product into every element outside its slice, so every client's update reaches every weight (0: off; -1, auto: 16 in context mode with the all-clients mean, else off)", minimum=-1)
@@ -164,12 +165,12 @@ class RunConfig:
     @property
     def delta_bits(self) -> int | None:
         """Bits of an uploaded update (upload-codec), or None when the weights travel."""
-        return {"int8-delta": 8, "int4-delta": 4}.get(self.upload_codec)
+        return UPLOAD_CODEC_BITS[self.upload_codec]
 
     @property
     def download_bits(self) -> int | None:
         """Bits of the slice a client is sent (download-codec), or None when it travels in wire-dtype."""
-        return {"int8": 8, "int4": 4}.get(self.download_codec)
+        return DOWNLOAD_CODEC_BITS[self.download_codec]
 
     @property
     def _adapter_fits(self) -> bool:
@@ -199,7 +200,7 @@ class RunConfig:
         known = cls.keys()
         unknown = sorted(set(run_config) - set(known))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError("; ".join(unknown_key(k) for k in unknown))
         values = {}
         for key, f in known.items():
             if key in run_config:
@@ -213,6 +214,15 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def unknown_key(key: str) -> str:
+    """What to say about a key that is not the app's: the closest valid key, if one is close."""
+    known = list(RunConfig.keys())
+    spelled = key.strip().lower().replace("_", "-")  # learning_rate, Learning-Rate: the key in its own spelling
+    close = [spelled] if spelled in known else difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "python -m fedtp_flwr.config lists the keys"
+    return f"unknown config key {key!r}: {hint}"
 
 
 def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:

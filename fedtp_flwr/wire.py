@@ -112,6 +112,11 @@ def record_nbytes(record: ArrayRecord) -> int:
 # per value (0.56 at 64), which is what brings the 3B W=2 recipe's round under 3 GB (bench/communication.py).
 DELTA_GROUP = 128
 
+# The codecs, each with the bits of its blockwise absmax payload (None: the values travel in wire-dtype). The one
+# table of them: config.py's choices, the client's encoding and decoding and the server's checks read it.
+UPLOAD_CODEC_BITS: dict[str, int | None] = {"weights": None, "int8-delta": 8, "int4-delta": 4}
+DOWNLOAD_CODEC_BITS: dict[str, int | None] = {"wire": None, "int8": 8, "int4": 4}
+
 
 def _as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
     return (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))

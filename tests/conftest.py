@@ -192,6 +192,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# ------------------------------------------------------------------------ two float32 optimizer steps agree
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps  # 2**-23: one ulp at 1.0
+
+
+def step_tolerance(start: torch.Tensor, lr: float, steps: int = 1) -> torch.Tensor:
+    """How far apart two float32 implementations of the same AdamW steps from `start` may end, element-wise:
+    steps * eps32 * (2 |start| + 5 lr).
+
+    Per step each one rounds the weight twice (the decay w * (1 - lr * wd), then the update: half an ulp of |w|
+    each), and the update lr * m_hat / (sqrt(v_hat) + eps), at most lr, carries about five roundings of its own
+    (the moments, sqrt, bias corrections, + eps, the division: half an ulp each); two implementations can round
+    each the other way. Gradients that differ in their last bits (another summation order, the chunked loss) barely
+    move the first step's m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps), about +-1 unless |g| is near eps. Measured
+    (torch 2.13, a 2-core CPU): at most 0.49 of this bound. An absolute atol is the wrong shape: 1e-7 is under one ulp at 1.0 (1.19e-7, where
+    the norms' weights sit) and some 60 ulps at the 0.02 of the other weights."""
+    return steps * FLOAT32_EPS * (2 * start.double().abs() + 5 * lr)
+
+
+def assert_same_steps(got: dict, want: dict, start: dict, lr: float, steps: int = 1) -> None:
+    """Two state dicts after the same float32 optimizer steps from `start` agree within step_tolerance."""
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        err = (got[name].double() - w.double()).abs()
+        ratio = float((err / step_tolerance(start[name], lr, steps)).max())
+        assert ratio <= 1, f"{name}: {ratio:.2f} x the float32 step tolerance (max error {float(err.max()):.3g})"
+
+
 
 
 # ------------------------------------------------------------------- untrusted clients (in-process runs)

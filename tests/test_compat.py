@@ -3,6 +3,7 @@ upgrade that moves one fails here, by name, before a deployed round does (no sta
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import io
 import zipfile
@@ -91,6 +92,26 @@ def test_error_reply_metadata_makes_a_reply_flower_accepts(server_identity):
                               error=Error(code=compat.ErrorCode.UNKNOWN, reason="bad"))
     assert msg.has_error() and msg.metadata.reply_to_message_id == "sent-9"
     assert msg.metadata.src_node_id == grid.node.node_id
+
+
+def test_client_app_error_code_is_the_one_flower_gives_a_clientapp_exception():
+    """client/app.error_reply answers with the code Flower's own runtimes give a ClientApp's exception."""
+    import flwr.server.superlink.fleet.vce.vce_api as simulation
+    import flwr.supernode.runtime.run_clientapp as deployment
+
+    assert compat.ErrorCode.CLIENT_APP_RAISED_EXCEPTION == 2
+    for runtime in (simulation, deployment):
+        assert "ErrorCode.CLIENT_APP_RAISED_EXCEPTION" in inspect.getsource(runtime)
+
+
+def test_parse_config_args_reads_run_config_as_flwr_run_does(tmp_path):
+    """tools/check_config reads --run-config with flwr run's own parser: TOML values, dotted keys flattened, a
+    .toml file."""
+    assert compat.parse_config_args(['a=1 b="x y" c.d=true e=1e-3']) == {"a": 1, "b": "x y", "c.d": True, "e": 0.001}
+    (tmp_path / "r.toml").write_text('world-size = 4\n[train]\nlr = 0.1\n', encoding="utf-8")
+    assert compat.parse_config_args([str(tmp_path / "r.toml")]) == {"world-size": 4, "train.lr": 0.1}
+    flwr_run = importlib.import_module("flwr.cli.run.run")  # the module (flwr.cli.run.run is also its function)
+    assert "parse_config_args(config_overrides)" in inspect.getsource(flwr_run)  # what `flwr run` calls
 
 
 def test_trim_mean_cuts_each_tail():

@@ -118,14 +118,21 @@ def test_choice_sets_are_the_implementing_modules_own():
     from fedtp_flwr import training, wire
     from fedtp_flwr.config import ROBUST_RULES, WEIGHTINGS
     from fedtp_flwr.data import partition
-    from fedtp_flwr.model import preset_args, quant
+    from fedtp_flwr.model import context, preset_args, quant
     from fedtp_flwr.server.aggregation import WeightedFold
     from fedtp_flwr.server.robust import robust_mean
 
     keys = RunConfig.keys()
     choices = {k: tuple(f.metadata["choices"]) for k, f in keys.items()}
     assert choices["wire-dtype"] == tuple(wire.WIRE_DTYPES)
-    assert choices["context-bits"] == quant.BITS
+    # context-bits: the frozen rest's own widths, each a layout quant.py has; a codec's bits come from wire.py's
+    # one table and are quant.py layouts too (a new layout there enables neither a codec nor a context width)
+    assert choices["context-bits"] == context.CONTEXT_BITS == (4, 8, 16) and set(context.CONTEXT_BITS) <= set(quant.BITS)
+    assert choices["upload-codec"] == tuple(wire.UPLOAD_CODEC_BITS)
+    assert choices["download-codec"] == tuple(wire.DOWNLOAD_CODEC_BITS)
+    for table in (wire.UPLOAD_CODEC_BITS, wire.DOWNLOAD_CODEC_BITS):
+        assert {b for b in table.values() if b is not None} <= set(quant.QMAX)  # the integer layouts
+    assert [RunConfig(upload_codec=c, download_codec="wire").delta_bits for c in wire.UPLOAD_CODEC_BITS] == [None, 8, 4]
     assert choices["partitioning"] == partition.SCHEMES
     assert choices["lr-schedule"] == training.LR_SCHEDULES
     assert choices["precision"] == training.PRECISIONS

@@ -73,16 +73,24 @@ def test_invalid_config_value_fails_the_run_naming_the_key(tmp_path: Path) -> No
 
 
 def test_a_run_in_which_no_client_trained_ends_failed(tmp_path: Path) -> None:
-    """Every ClientApp fails on its data (a train-data file that does not exist): the round gets no valid reply,
-    the ServerApp stops the run, and Flower reports it failed, with the clients' error and the rounds line in the
-    log and no checkpoint written."""
-    cfg = small_config(tmp_path / "outputs", **{"train-data": str(tmp_path / "missing.jsonl")})
+    """Every ClientApp fails on its data (a train-data file whose third line is not JSON): the round gets no valid
+    reply, the ServerApp stops the run, and Flower reports it failed, with the rounds line in the log and no
+    checkpoint written. Each client's error reaches the log as the one line that names its cause, as in
+    deployment: no Ray traceback (before, each reason was a cut Ray dump and the log ran to 284 lines)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "A fine first line."}\n{"text": "And a second."}\n{"text": not json}\n', encoding="utf-8")
+    cfg = small_config(tmp_path / "outputs", **{"train-data": str(data)})
     res = fh.run_simulation(APP_DIR, cfg, num_supernodes=2, client_cpus=1, timeout_s=240)
     assert res.returncode == 0  # `flwr run --stream` exits 0 even then: only the status tells
     assert res.status == "finished:failed", res.describe()
-    assert "missing.jsonl" in res.log_text and "0 valid replies, fewer than min-train-nodes=1" in res.log_text, \
-        res.describe()
-    assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in res.log_text, res.describe()
+    log_text = res.log_text
+    cause = f"DataError: {data}:3: invalid JSON: Expecting value (column 10)"
+    dropped = re.findall(r"^.*round 1: dropping reply from node \d+ \(rank \d\): error reply \(code 2\): (.*)$",
+                         log_text, re.MULTILINE)
+    assert dropped == [cause, cause], res.describe()
+    assert not any(s in log_text for s in ("RayTaskError", "ray::", "ClientAppException")), res.describe()
+    assert "0 valid replies, fewer than min-train-nodes=1" in log_text, res.describe()
+    assert "fedtp-flwr: 0 of 1 round trained (1: 0 clients (skipped))" in log_text, res.describe()
     assert not any((tmp_path / "outputs").rglob("*.pth"))
 
 

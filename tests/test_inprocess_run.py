@@ -197,8 +197,50 @@ def test_context_mode_sends_the_frozen_rest_and_uploads_only_the_slice(tmp_path,
 
 @pytest.mark.slow
 def test_client_side_slice_evaluation(tmp_path, caplog):
-    go(tmp_path, **{"num-server-rounds": 1, "client-eval": True})
-    assert "slice evaluation (clients)" in caplog.text and "slice-perplexity" in caplog.text
+    """Each node's slice-loss is its rank's sub-model of the round's global model (the checkpoint) on its own
+    held-out batches, recomputed here in float64 by hand; the logged line is their num-tokens-weighted mean."""
+    import ast
+    import json
+    import re
+
+    from flwr.app import MessageType
+
+    from fedtp_flwr.client.app import local_dataset
+    from fedtp_flwr.data import IGNORE_INDEX, eval_batches
+    from fedtp_flwr.model import ModelArgs, Transformer
+    from fedtp_flwr.model.sharding import shard, shard_args
+
+    grid = go(tmp_path, **{"num-server-rounds": 1, "client-eval": True})
+    ckpt = load_run_checkpoint(tmp_path / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")
+    args = ModelArgs.from_params(json.loads(ckpt["config"]["model-args"]))
+    evaluated = [(m, r) for m, r in zip(grid.delivered, grid.replies) if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(evaluated) == 2
+    tokens, losses, perplexities = [], [], []
+    for msg, reply in evaluated:
+        rank, world = int(msg.content["config"]["rank"]), int(msg.content["config"]["world-size"])
+        model = Transformer(shard_args(args, world)).eval()
+        model.load_state_dict(shard(ckpt["model_state_dict"], args, rank, world))
+        data = local_dataset(grid.cfg, grid.node_configs[msg.metadata.dst_node_id], "eval", args.vocab_size)
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for inputs, targets in eval_batches(data, grid.cfg.max_batch_size, grid.cfg.eval_batches or None):
+                logp = torch.log_softmax(model(inputs).double(), dim=-1)
+                keep = targets != IGNORE_INDEX
+                nll -= logp[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item()
+                n += int(keep.sum())
+        got = reply.content["metrics"]
+        assert got["num-tokens"] == n
+        assert got["slice-loss"] == pytest.approx(nll / n, rel=1e-5)
+        assert got["slice-perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        tokens.append(n), losses.append(nll / n), perplexities.append(math.exp(nll / n))
+    (logged,) = re.findall(r"slice evaluation \(clients\): (\{[^}]*\})", caplog.text)
+    logged = ast.literal_eval(logged)
+
+    def mean(xs):  # weighted by each node's num-tokens, as the server reduces its clients' metrics
+        return sum(t * x for t, x in zip(tokens, xs)) / sum(tokens)
+
+    assert logged["slice-loss"] == pytest.approx(mean(losses), rel=1e-5)
+    assert logged["slice-perplexity"] == pytest.approx(mean(perplexities), rel=1e-5)
 
 
 @pytest.mark.slow

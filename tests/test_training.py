@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_steps
 
 from fedtp_flwr.data import IGNORE_INDEX, token_loss
 from fedtp_flwr.model import ModelArgs, build_model
@@ -123,6 +124,7 @@ def test_train_local_step_equals_manual_step_with_reference_adamw():
     batch = make_batch([9, 5, 9], T=8, gen=gen)
     s = settings(weight_decay=0.1)
     model, ref = tiny_model(), tiny_model()
+    start = weights(model)
     train_local(model, endless([batch]), s)
 
     opt = reference_adamw(ref, s)
@@ -130,23 +132,27 @@ def test_train_local_step_equals_manual_step_with_reference_adamw():
     loss = F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
     opt.step()
-    for name, w in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], w, rtol=0, atol=1e-7, msg=name)
+    assert_same_steps(model.state_dict(), ref.state_dict(), start, s.learning_rate)
     assert not torch.equal(model.output.weight, tiny_model().output.weight)  # not vacuous: it moved
 
 
 def test_grad_clipping_matches_clip_grad_norm():
+    """The clipped step equals torch's clip_grad_norm_ then AdamW, within float32 rounding (conftest.step_tolerance);
+    an unclipped step is far outside that tolerance, so the comparison sees the clipping."""
     gen = torch.Generator().manual_seed(1)
     batch = make_batch([9, 9], T=8, gen=gen)
     s = settings(max_grad_norm=0.05, learning_rate=1e-2)
-    model, ref = tiny_model(), tiny_model()
+    model, ref, unclipped = tiny_model(), tiny_model(), tiny_model()
+    start = weights(model)
     train_local(model, endless([batch]), s)
     opt = reference_adamw(ref, s)
     F.cross_entropy(ref(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX).backward()
     assert torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05) > 0.05  # clipping really happens
     opt.step()
-    for name, w in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], w, rtol=0, atol=1e-7, msg=name)
+    assert_same_steps(model.state_dict(), ref.state_dict(), start, s.learning_rate)
+    train_local(unclipped, endless([batch]), settings(learning_rate=1e-2))
+    with pytest.raises(AssertionError, match="float32 step tolerance"):
+        assert_same_steps(unclipped.state_dict(), ref.state_dict(), start, s.learning_rate)
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -257,6 +263,7 @@ def test_proximal_step_equals_manual_loss_plus_prox_term():
     reference = {n: p.detach() + 0.01 * torch.randn(p.shape, generator=gen)
                  for n, p in model.named_parameters() if n.startswith("layers.0.")}
     s = settings(proximal_mu=mu)
+    start = weights(model)
     train_local(model, endless([batch]), s, prox_reference=reference)
 
     opt = reference_adamw(ref_model, s)
@@ -265,8 +272,7 @@ def test_proximal_step_equals_manual_loss_plus_prox_term():
     prox = sum(((params[n] - r) ** 2).sum() for n, r in reference.items())
     (loss + mu / 2 * prox).backward()
     opt.step()
-    for name, w in ref_model.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], w, rtol=0, atol=1e-7, msg=name)
+    assert_same_steps(model.state_dict(), ref_model.state_dict(), start, s.learning_rate)
 
     plain = tiny_model()
     train_local(plain, endless([batch]), settings())
@@ -378,13 +384,13 @@ def test_metrics_and_gradient_checkpointing_give_the_same_step():
     gen = torch.Generator().manual_seed(9)
     batches = [make_batch([9, 4], T=8, gen=gen), make_batch([9, 9], T=8, gen=gen)]
     plain, ckpt = tiny_model(), tiny_model()
+    start = weights(plain)
     plain.eval()
     m = train_local(plain, endless(batches), settings(local_steps=2))
     assert not plain.training  # the caller's mode is restored
     mc = train_local(ckpt, endless(batches), settings(local_steps=2, gradient_checkpointing=True))
     assert ckpt.gradient_checkpointing is False  # restored
-    for name, w in plain.state_dict().items():
-        torch.testing.assert_close(ckpt.state_dict()[name], w, rtol=0, atol=1e-7, msg=name)
+    assert_same_steps(ckpt.state_dict(), plain.state_dict(), start, settings().learning_rate, steps=2)
     assert m["num_tokens"] == 8 + 3 + 8 + 8 and m["num_examples"] == 4 and m["steps"] == 2
     assert m["train_perplexity"] == pytest.approx(math.exp(m["train_loss"]))
     assert m["tokens_per_second"] == pytest.approx(m["num_tokens"] / m["seconds"])

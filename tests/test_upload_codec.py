@@ -119,6 +119,23 @@ def test_a_low_bit_download_needs_an_update_upload():
         RunConfig(download_codec="int8")
 
 
+def test_a_client_refuses_a_codec_it_does_not_know(server_identity):
+    """A server of another app version asking for a codec this client lacks: refused by name, never read as the
+    default codec (the client's table is wire.py's, the one config.py offers)."""
+    from fedtp_flwr.client.app import SliceJob
+    from fedtp_flwr.config import RunConfig
+    from fedtp_flwr.server.strategy import FederatedTensorParallel
+
+    s = FederatedTensorParallel(ARGS, RunConfig(world_size=W, min_available_nodes=1))
+    (msg,) = [m for batch in s._message_batches(1, encode(random_model().state_dict()), ConfigRecord(), [7],
+                                                MessageType.TRAIN) for m in batch]
+    assert SliceJob.from_config(msg.content["config"]).upload_codec == "weights"
+    for key, codec in (("upload-codec", "int2-delta"), ("download-codec", "int2")):
+        config = ConfigRecord({**dict(msg.content["config"]), key: codec})
+        with pytest.raises(ValueError, match=f"the server asks for {key} '{codec}', which this client does not know"):
+            SliceJob.from_config(config)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_client_starts_from_the_dequantized_slice_and_its_update_is_relative_to_it(server_identity, bits):
     """The server sends the slice quantized; the client's model holds its dequantization, and the update it uploads

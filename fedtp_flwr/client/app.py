@@ -15,13 +15,14 @@ import math
 import signal
 import threading
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
+from fedtp_flwr.compat import ErrorCode
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.data import (
     ByteTokenizer,
@@ -40,7 +41,15 @@ from fedtp_flwr.model import ModelArgs, Transformer
 from fedtp_flwr.model.context import adapter_target, build_context_model, rest_from_arrays
 from fedtp_flwr.model.sharding import shard_args, slice_shapes
 from fedtp_flwr.training import PARAM_DTYPES, TrainSettings, evaluate, resolve_device, train_local
-from fedtp_flwr.wire import decode, dequantized, encode, encode_delta, record_nbytes
+from fedtp_flwr.wire import (
+    DOWNLOAD_CODEC_BITS,
+    UPLOAD_CODEC_BITS,
+    decode,
+    dequantized,
+    encode,
+    encode_delta,
+    record_nbytes,
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,13 @@ class SliceJob:
                        int(config["rest-adapter-rank"]), str(config["upload-codec"]), str(config["download-codec"]))
         except KeyError as e:
             raise ValueError(f"the server's message lacks config key {e}") from None
+
+    def __post_init__(self):
+        for key, codec, known in (("upload-codec", self.upload_codec, UPLOAD_CODEC_BITS),
+                                  ("download-codec", self.download_codec, DOWNLOAD_CODEC_BITS)):
+            if codec not in known:
+                raise ValueError(f"the server asks for {key} {codec!r}, which this client does not know "
+                                 f"(it knows {list(known)}): the server runs another version of the app")
 
 
 def build_slice_model(job: SliceJob, content: RecordDict, device: torch.device,
@@ -191,7 +207,7 @@ def received_slice(job: SliceJob, arrays: ArrayRecord, dtype: torch.dtype | None
     """The slice the server sent (all of it, or `names`): in wire-dtype, or dequantized (download-codec)."""
     if names is not None:
         arrays = ArrayRecord({k: a for k, a in arrays.items() if k.rpartition(":")[0] in names or k in names})
-    bits = {"int8": 8, "int4": 4}.get(job.download_codec)
+    bits = DOWNLOAD_CODEC_BITS[job.download_codec]
     if bits is None:
         return decode(arrays, job.wire_dtype, dtype=dtype, copy=dtype is not None)
     shapes = slice_shapes(job.args, job.world_size, job.vocab_parallel)
@@ -201,7 +217,7 @@ def received_slice(job: SliceJob, arrays: ArrayRecord, dtype: torch.dtype | None
 def upload(state: dict[str, torch.Tensor], received: ArrayRecord, job: SliceJob, seed: int) -> dict[str, ArrayRecord]:
     """What the reply carries of the trained model: {"arrays": the slice in the wire dtype} (upload-codec
     "weights"), or {"arrays": the rest adapters' factors (if any), "delta": the slice's update, low-bit}."""
-    bits = {"int8-delta": 8, "int4-delta": 4}.get(job.upload_codec)
+    bits = UPLOAD_CODEC_BITS[job.upload_codec]
     if bits is None:
         return {"arrays": encode(state, job.wire_dtype)}
     adapters = {k: state.pop(k) for k in list(state) if adapter_target(k) is not None}  # deltas already
@@ -251,15 +267,56 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def error_line(e: BaseException, limit: int = 2000) -> str:
+    """An exception as one line, its type and message ("DataError: /data/a.jsonl:3: invalid JSON: ..."): what an
+    error reply carries, so that the server logs the same line in simulation and in deployment."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    line = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+# Errors whose message is the whole story (bad data, a bad setting, a refused shape, no memory): one line on the
+# node, the traceback at DEBUG (FLWR_LOG_LEVEL=DEBUG). Any other exception is a bug: its traceback at ERROR.
+USER_ERRORS = (ValueError, MemoryError, torch.OutOfMemoryError)
+
+
+def error_reply(msg: Message, e: Exception, work: str) -> Message:
+    """Flower's error reply (code 2, as for an exception Flower catches) whose reason is `error_line(e)`.
+
+    Why not let Flower catch it: in simulation its reason is Ray's whole remote traceback (thousands of
+    characters, cut in the server's log) and Flower logs that traceback twice more; replying here makes the reason
+    the one line in both runtimes. The node logs the line (and the traceback, see USER_ERRORS)."""
+    line = error_line(e)
+    config = msg.content.config_records.get("config")
+    where = f"round {config['server-round']}: " if config is not None and "server-round" in config else ""
+    if isinstance(e, USER_ERRORS):
+        log(ERROR, "%sthis node could not %s: %s", where, work, line)
+        log(DEBUG, "the traceback of that error:", exc_info=e)
+    else:
+        log(ERROR, "%sthis node could not %s: %s", where, work, line, exc_info=e)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=line), reply_to=msg)
+
+
 def train_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
-    """The ClientApp's train handler: the server's message in, the reply with the trained slice out."""
-    with stop_on_sigterm():
-        records = train_slice(msg.content, cfg, node_config)
+    """The ClientApp's train handler: the server's message in, the reply with the trained slice out (or an
+    error reply naming what went wrong)."""
+    try:
+        with stop_on_sigterm():
+            records = train_slice(msg.content, cfg, node_config)
+    except ClientAppStopped:
+        raise  # Flower's own error reply, and the ClientApp process ends as failed
+    except Exception as e:  # noqa: BLE001 - any failure of the node's work becomes the reply
+        return error_reply(msg, e, "train its slice")
     return Message(RecordDict(records), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
-    """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data."""
-    with stop_on_sigterm():
-        metrics = evaluate_slice(msg.content, cfg, node_config)
+    """The ClientApp's evaluate handler (client-eval): slice metrics on local held-out data (or an error reply)."""
+    try:
+        with stop_on_sigterm():
+            metrics = evaluate_slice(msg.content, cfg, node_config)
+    except ClientAppStopped:
+        raise
+    except Exception as e:  # noqa: BLE001
+        return error_reply(msg, e, "evaluate its slice")
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -37,6 +37,10 @@ from .rows import row_slices
 from .sharding import REPLICATE, Split, block, check_world_size, full_shapes, rule_for, shard, slice_shapes
 from .transformer import ModelArgs, Transformer
 
+# Bit widths of the frozen rest (context-bits): int4, int8, or bfloat16 (quant.py's layouts). Listed here, not taken
+# from quant.BITS, so that a layout added to quant.py for another use does not become a context width unnoticed.
+CONTEXT_BITS = (4, 8, 16)
+
 # ------------------------------------------------------------------------------------------- the rest
 
 

@@ -14,6 +14,7 @@ client's records are handed to code that could throw on them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -49,6 +50,44 @@ def safe_text(text: object, limit: int = 500) -> str:
     return out + (f"... ({len(s) - limit} more characters)" if len(s) > limit else "")
 
 
+# How Flower words an exception it caught in a ClientApp: "<class 'pkg.mod.Type'>:<'message'>". In simulation the
+# exception is Ray's, and its message is the ClientApp's whole remote traceback (ANSI colours included).
+_FLOWER_REASON = re.compile(r"<class '(?P<type>[^']+)'>:<'(?P<message>.*)'>", re.DOTALL)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The last line of a Python traceback: "pkg.mod.Type: message" at the start of a line.
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*): (?P<message>\S.*)$")
+_WRAPPERS = ("ClientAppException", "RayTaskError")  # exceptions Flower and Ray wrap the ClientApp's in
+
+
+def error_cause(reason: object) -> str:
+    """A client's error reason as the one line that says what went wrong, e.g. "DataError: /data/a.jsonl:3: invalid
+    JSON: Expecting value (column 10)". This project's ClientApp sends that line already (client/app.error_reply);
+    Flower's own wording is shortened to it: "<class 'pkg.Type'>:<'message'>" gives "Type: message", and a
+    traceback (Ray's, in simulation) gives the line of the last exception in it that is not Flower's or Ray's
+    wrapper (else the traceback's last line). Anything else comes back as it is, on one line."""
+    text = _ANSI.sub("", str(reason))
+    m = _FLOWER_REASON.fullmatch(text.strip())
+    if m is not None:
+        kind, message = m["type"].rpartition(".")[2], _one_line(m["message"])
+        if not kind.startswith(_WRAPPERS):
+            return f"{kind}: {message}" if message else kind
+        text = m["message"]
+    causes = [(t.rpartition(".")[2], message) for t, message in
+              (m.group("type", "message") for m in map(_EXCEPTION_LINE.match, text.splitlines()) if m)]
+    causes = [(t, message) for t, message in causes if not t.startswith(_WRAPPERS)]
+    if causes:
+        kind, message = causes[-1]
+        return f"{kind}: {message.strip()}"
+    lines = [part.strip() for part in text.splitlines() if part.strip()]
+    if any(line.startswith('File "') for line in lines):  # a traceback without an exception line we know
+        return lines[-1].removeprefix("Exception ClientAppException occurred. Message: ")
+    return " ".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 @dataclass
 class CheckedReply:
     state: dict[str, torch.Tensor]  # the slice: read-only views of the reply's bytes, in the wire dtype
@@ -64,7 +103,7 @@ def _check_metrics(msg: Message, records: tuple[str, ...], weight_key: str, know
                    max_num_examples: int) -> tuple[int, dict[str, float]]:
     """The reply is not an error and holds exactly `records`; -> (its weight, known metrics)."""
     if msg.has_error():
-        raise ReplyError(f"error reply (code {msg.error.code}): {safe_text(msg.error.reason)}")
+        raise ReplyError(f"error reply (code {msg.error.code}): {safe_text(error_cause(msg.error.reason))}")
     content = msg.content
     names = sorted(content.keys())
     if names != sorted(records):

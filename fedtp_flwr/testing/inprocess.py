@@ -7,7 +7,6 @@ side quickly. Real runs use Flower's own Grid (`flwr run`).
 
 from __future__ import annotations
 
-import traceback
 import uuid
 from collections.abc import Iterable
 from typing import Any, Callable, Mapping
@@ -15,7 +14,7 @@ from typing import Any, Callable, Mapping
 from flwr.app import Error, Message, MessageType
 
 from fedtp_flwr.client.app import evaluate_reply, train_reply
-from fedtp_flwr.compat import ensure_run_identity, set_message_id
+from fedtp_flwr.compat import ErrorCode, ensure_run_identity, set_message_id
 from fedtp_flwr.config import RunConfig
 from fedtp_flwr.identity import identity_reply
 
@@ -68,9 +67,9 @@ class InProcessGrid:
             (self.queries if query else self.delivered).append(msg)
             try:
                 reply = self.handler(msg, self.cfg, self.node_configs[msg.metadata.dst_node_id])
-            except Exception as e:  # a ClientApp exception becomes an error reply, as in Flower
-                reason = "".join(traceback.format_exception_only(type(e), e)).strip()
-                reply = Message(Error(code=2, reason=reason), reply_to=msg)
+            except Exception as e:  # an exception the handler lets out becomes Flower's error reply, in its words
+                reason = str(type(e)) + ":<'" + str(e) + "'>"  # flwr 1.42, supernode/runtime/run_clientapp.py
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
             replies.append(reply)
             if not query:
                 self.replies.append(reply)
