@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from fedtp_flwr.config import ConfigError
+from fedtp_flwr.config import STRATEGIES, ConfigError, RunConfig
 from fedtp_flwr.server.app import run
 from fedtp_flwr.server.outputs import load_run_checkpoint
 from fedtp_flwr.server.strategy import RunFailed
@@ -72,19 +72,19 @@ def test_resume_continues_bit_identical_and_refuses_a_change_of_the_math(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedadam", "diloco"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resumed_server_optimizer_run_with_sampling_equals_an_uninterrupted_one(tmp_path, strategy):
-    """FedAdam's moments / DiLoCo's momentum (FedAvgM's state: DiLoCo is Flower's FedAvgM with a Nesterov term) and
-    the `random` state Flower samples nodes with are in the checkpoint: resuming after round 1 gives round 2 bit for
-    bit (half the nodes sampled each round)."""
-    opts = {"num-server-rounds": 2, "strategy": strategy, "server-momentum": 0.9, "server-learning-rate": 0.1,
-            "fraction-train": 0.5}
+    """Every strategy of the config's own list, at its defaults: its rule's state (FedOpt's moments, FedAvgM's and
+    DiLoCo's momentum; none for FedAvg and FedProx) and the `random` state Flower samples nodes with are in the
+    checkpoint: resuming after round 1 gives round 2 bit for bit (half the nodes sampled each round)."""
+    opts = {"num-server-rounds": 2, "strategy": strategy, "fraction-train": 0.5}
     a, b = tmp_path / "a", tmp_path / "b"
     go(a, n_nodes=4, **opts)
     go(b, n_nodes=4, **opts, **{"resume-from": str(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round1.pth")})
     ca = load_run_checkpoint(a / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
     cb = load_run_checkpoint(b / "checkpoints" / "llama32_tiny_ws2_lr0.001_round2.pth")
-    assert ca["strategy_state"] and "random_state" in ca
+    has_server_step = RunConfig(strategy=strategy).effective_server_learning_rate is not None
+    assert bool(ca["strategy_state"]) == has_server_step and "random_state" in ca
     assert all(torch.equal(ca["model_state_dict"][k], cb["model_state_dict"][k]) for k in ca["model_state_dict"])
 
 
