@@ -352,3 +352,68 @@ def test_diloco_at_lr_1_and_momentum_0_says_it_is_fedavg(caplog):
     make_strategy(strategy="diloco", server_learning_rate=1.0, server_momentum=0.0).summary()
     assert "DiLoCo outer step (SGD with Nesterov momentum 0, lr 1, on the merged update; at lr 1 and momentum 0 " \
            "this is FedAvg)" in caplog.text
+
+
+def _round(strategy, state, rnd):
+    """One round through the strategy with seeded mock replies from two nodes: the new global state."""
+    _, msgs = configure(strategy, state, [1, 2], rnd=rnd)
+    replies = [trained_reply(m, seed=100 * rnd + m.metadata.dst_node_id)[0] for m in msgs]
+    new, _ = strategy.aggregate_train(rnd, replies)
+    return decode(new)
+
+
+def _through_a_checkpoint(state: dict) -> dict:
+    """inner_state as a checkpoint stores it and load_run_checkpoint reads it back (weights_only)."""
+    buf = io.BytesIO()
+    torch.save({"strategy_state": state}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)["strategy_state"]
+
+
+def _resumes_exactly(make) -> dict:
+    """Round 1 on one strategy, its inner state through a checkpoint into a fresh one, round 2 on both: equal bit for
+    bit. Returns the state, and whether a fresh strategy without it would have given another round 2."""
+    first, resumed, forgetful = make(), make(), make()
+    after_1 = _round(first, global_model(), 1)
+    state = _through_a_checkpoint(first.inner_state())
+    resumed.load_inner_state(state)
+    want = _round(first, after_1, 2)
+    got = _round(resumed, after_1, 2)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    without = _round(forgetful, after_1, 2)
+    return {"state": state, "state_matters": any(not torch.equal(want[k], without[k]) for k in want)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategys_state_is_resumed_from_a_checkpoint(strategy):
+    """Every choice of config.STRATEGIES (the config's own list, so a new one cannot be left out), at its defaults: the
+    state its rule keeps survives a checkpoint and a resumed round equals the uninterrupted one. Not vacuous: a
+    strategy with a server step gives another round 2 without its state (and one without has no state)."""
+    out = _resumes_exactly(lambda: make_strategy(strategy=strategy))
+    has_server_step = RunConfig(strategy=strategy).effective_server_learning_rate is not None
+    assert out["state_matters"] == has_server_step and bool(out["state"]) == has_server_step
+
+
+class _TraceRule(FedAvg):
+    """A server rule no Flower class is: it keeps a running mean of the merged models and a count, under names of its
+    own (so a list of Flower's state names would miss them)."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        new = {k: a.numpy() for k, a in arrays.items()}
+        trace = getattr(self, "trace", None)
+        self.trace = new if trace is None else {k: 0.5 * trace[k] + 0.5 * v for k, v in new.items()}
+        self.merges = getattr(self, "merges", 0) + 1
+        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in self.trace.items()}), metrics
+
+
+def test_a_new_rules_state_under_names_of_its_own_is_checkpointed():
+    out = _resumes_exactly(lambda: make_strategy(inner=_TraceRule(min_available_nodes=1)))
+    assert set(out["state"]) == {"trace", "merges"} and out["state"]["merges"] == 1 and out["state_matters"]
+
+
+def test_state_a_checkpoint_cannot_hold_is_refused_by_name():
+    s = make_strategy(inner=FedAvg(min_available_nodes=1))
+    s.inner.lock = object()
+    with pytest.raises(TypeError, match="'lock' holds a object value, which a checkpoint cannot hold"):
+        s.inner_state()

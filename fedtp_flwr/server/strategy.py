@@ -29,7 +29,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
 from flwr.supercore import log
 
-from fedtp_flwr.compat import load_strategy_state, restore_strategy_state, snapshot_strategy_state, strategy_state
+from fedtp_flwr.compat import (
+    load_strategy_state,
+    restore_strategy_state,
+    snapshot_strategy_state,
+    strategy_baseline,
+    strategy_state,
+)
 from fedtp_flwr.config import AUTO, ETA_PER_LR, RunConfig
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_shapes, context_rest, quantize_rest, rest_to_arrays
@@ -98,6 +104,35 @@ def _as_float32(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
 
 
+def _to_checkpoint(value, name: str):
+    """A rule's state value as torch.load(weights_only=True) reads it back: numpy arrays as tensors, containers and
+    plain values as they are."""
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _to_checkpoint(v, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_checkpoint(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"the server rule's state {name!r} holds a {type(value).__name__} value, which a checkpoint cannot "
+                    "hold (it holds numpy arrays, dicts, lists, tuples, numbers and strings)")
+
+
+def _from_checkpoint(value):
+    """The inverse of _to_checkpoint: tensors become numpy arrays again (copies: a checkpoint may be memory-mapped)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone().numpy()
+    if isinstance(value, dict):
+        return {k: _from_checkpoint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_checkpoint(v) for v in value)
+    return value
+
+
 def message_ttl(round_timeout: float) -> float:
     """A message must outlive the wait for its reply: at least round-timeout, plus a margin for sending the
     round's messages before the wait starts; never less than Flower's default (12 hours)."""
@@ -117,6 +152,7 @@ class FederatedTensorParallel(Strategy):
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
+        self._inner_built = strategy_baseline(self.inner)  # what inner_state compares against
         sliced = slice_shapes(args, self.world_size, cfg.vocab_parallel)
         adapters = (adapter_shapes(args, self.world_size, cfg.effective_rest_adapter_rank, cfg.vocab_parallel)
                     if cfg.effective_rest_adapter_rank else {})
@@ -280,27 +316,15 @@ class FederatedTensorParallel(Strategy):
         return self._close_round(rnd)
 
     def inner_state(self) -> dict:
-        """The inner rule's state between rounds (FedOpt's moments, FedAvgM's momentum) as tensors, sharing memory
-        with Flower's arrays where it can: what a checkpoint must hold for a resumed run to equal an uninterrupted
-        one (FedOpt's/FedAvgM's current arrays are the global model)."""
-        def tensor(a):
-            a = np.ascontiguousarray(a)
-            return torch.from_numpy(a if a.flags.writeable else a.copy())
-
-        out = {}
-        for name, value in strategy_state(self.inner).items():
-            arrays = value.items() if isinstance(value, dict) else enumerate(value)
-            tensors = {k: tensor(a) for k, a in arrays}
-            out[name] = tensors if isinstance(value, dict) else list(tensors.values())
-        return out
+        """The inner rule's state between rounds (FedOpt's moments, FedAvgM's momentum, whatever a rule has set or
+        changed on itself since it was built; compat.strategy_state) in the plain form a checkpoint holds: tensors
+        (sharing memory with the rule's arrays where they can), dicts, lists, numbers. What a checkpoint must hold for
+        a resumed run to equal an uninterrupted one."""
+        state = strategy_state(self.inner, self._inner_built)
+        return {name: _to_checkpoint(value, name) for name, value in state.items()}
 
     def load_inner_state(self, state: dict) -> None:
-        restored = {}
-        for name, value in state.items():
-            arrays = value.items() if isinstance(value, dict) else enumerate(value)
-            numpy = {k: t.clone().numpy() for k, t in arrays}
-            restored[name] = numpy if isinstance(value, dict) else list(numpy.values())
-        load_strategy_state(self.inner, restored)
+        load_strategy_state(self.inner, {name: _from_checkpoint(value) for name, value in state.items()})
 
     def discard_round(self) -> None:
         """Forget the last aggregate_train: the inner rule's state goes back to what it was before it."""
