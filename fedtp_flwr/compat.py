@@ -13,6 +13,7 @@ the whole suite; widen SUPPORTED (and pyproject.toml) only when both pass.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from importlib import metadata as _metadata
@@ -80,8 +81,8 @@ __all__ = [
     "PULL_BACKOFF_CAP", "PULL_INITIAL_BACKOFF", "PULL_MAX_TIME", "PullAppMessagesRequest", "SYSTEM_MESSAGE_TYPE",
     "SUPPORTED", "array_layout", "build_fab", "check_version", "ensure_run_identity", "fab_include_patterns",
     "inflatable_class", "make_message", "make_pull_object_fn_protobuf", "now", "object_body", "object_head",
-    "restore_strategy_state", "runtime_client", "set_message_id", "snapshot_strategy_state", "strategy_state",
-    "load_strategy_state", "parse_config_args", "torchao_adamw", "trim_mean",
+    "MODEL_COPY", "restore_strategy_state", "runtime_client", "set_message_id", "snapshot_strategy_state",
+    "strategy_baseline", "strategy_state", "load_strategy_state", "parse_config_args", "torchao_adamw", "trim_mean",
 ]
 
 
@@ -145,26 +146,41 @@ def error_reply_metadata(grid: HttpGrid, run_id: int, reply_to: str) -> Metadata
                     created_at=now().timestamp())
 
 
-# Flower's server-side rules keep their state between rounds in attributes they set on themselves (FedOpt:
-# m_t, v_t; FedAvgM: momentum_vector), rebinding them to new objects each round (never changed in place).
-STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")
+# Flower's server-side rules keep their state between rounds in attributes they set on themselves (FedOpt: m_t, v_t;
+# FedAvgM: momentum_vector), rebinding them to new objects each round. That state is found rather than listed, so that
+# a rule keeping it under another name is checkpointed too: every attribute the rule has set or changed since it was
+# built, except its copy of the global model, which configure_train sets from the model it is given (FedOpt every
+# round, FedAvgM once), so a resumed rule gets it back from the resumed model.
+MODEL_COPY = "current_arrays"
 
 
-def strategy_state(strategy) -> dict[str, Any]:
-    """The rule's state between rounds (name -> dict or list of numpy arrays), the names it has set."""
-    out = {}
-    for name in STRATEGY_STATE:
-        value = getattr(strategy, name, None)
-        if isinstance(value, (dict, list)) and value:
-            out[name] = value
-    return out
+def strategy_baseline(strategy) -> dict[str, Any]:
+    """The rule's attributes as built (a deep copy), for strategy_state to compare against."""
+    return copy.deepcopy(vars(strategy))
+
+
+def strategy_state(strategy, baseline: dict[str, Any]) -> dict[str, Any]:
+    """The rule's state between rounds: every attribute set or changed since `baseline` (strategy_baseline of the rule
+    as built), but MODEL_COPY. An attribute whose change `==` cannot decide (arrays) counts as changed."""
+    return {name: value for name, value in vars(strategy).items()
+            if name != MODEL_COPY and (name not in baseline or not _equal(value, baseline[name]))}
+
+
+def _equal(a, b) -> bool:
+    try:
+        same = a == b
+    except Exception:  # noqa: BLE001 - numpy's ambiguous truth value inside a container, or a type refusing ==
+        return False
+    return isinstance(same, bool) and same
 
 
 def load_strategy_state(strategy, state: dict[str, Any]) -> None:
-    """Set the rule's state (as strategy_state returns it); a name the rule does not have is an error."""
+    """Set the rule's state (as strategy_state returns it). The model copy or a method or property of the rule's class
+    is not state: an error."""
     for name, value in state.items():
-        if name not in STRATEGY_STATE or not hasattr(strategy, name):
-            raise ValueError(f"the checkpoint holds {name!r}, which Flower's {type(strategy).__name__} does not have")
+        own = getattr(type(strategy), name, None)
+        if name == MODEL_COPY or callable(own) or isinstance(own, property):
+            raise ValueError(f"the checkpoint holds {name!r}, which is not state of Flower's {type(strategy).__name__}")
         setattr(strategy, name, value)
 
 

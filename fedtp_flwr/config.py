@@ -21,6 +21,18 @@ from fedtp_flwr.wire import DELTA_GROUP, DOWNLOAD_CODEC_BITS, UPLOAD_CODEC_BITS,
 
 # Flower strategies the server can wrap (strategy.make_inner_strategy builds each; a test keeps the two equal).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "diloco")
+# server-learning-rate and server-momentum left at auto (-1): each strategy's own values, measured on the built-in
+# corpus with the default model by bench/strategy_defaults.py (bench/results/strategy_defaults.md; of the settings whose
+# held-out loss fell every round, the lowest after 3 rounds; tests/test_config.py keeps these equal to its choice).
+# FedAvgM's and DiLoCo's lr multiplies the merged update, so it is a plain number. FedOpt's eta is a step per weight
+# (m / sqrt(v) is about the sign of the update, whatever its size), so it has to scale with how far the clients move a
+# weight: its auto value is ETA_PER_LR x learning-rate (measured at learning-rate 1e-3; a fixed 0.03 at the 3B
+# recipes' 1e-5 would move every weight of a pretrained model by ~0.02 in the first round). FedAvg and FedProx have
+# no server step, and the FedOpt rules no momentum (their betas are fixed, server/strategy.py).
+AUTO = -1
+SERVER_LR = {"fedavgm": 1.0, "diloco": 1.0}
+ETA_PER_LR = {"fedadam": 30.0, "fedyogi": 30.0, "fedadagrad": 10.0}
+SERVER_MOMENTUM = {"fedavgm": 0.9, "diloco": 0.9}
 SLICE_MODES = ("independent", "context")
 UPLOAD_CODECS = tuple(UPLOAD_CODEC_BITS)  # client/app.py encodes, server/replies.py checks
 DOWNLOAD_CODECS = tuple(DOWNLOAD_CODEC_BITS)  # server/strategy.py encodes, client/app.py decodes
@@ -30,6 +42,11 @@ WEIGHTINGS = ("per-rank", "all-clients")  # server/aggregation.py: how a split p
 ROBUST_RULES = ("median", "trimmed-mean")  # server/robust.py: coordinate-wise rules within a rank group
 MERGE_WEIGHTINGS = ("auto",) + WEIGHTINGS
 RANK_MERGES = ("mean",) + ROBUST_RULES
+
+
+def _defaults_text(*tables: dict, unit: str = "") -> str:
+    """A defaults table for a key's help: "fedavgm 1, diloco 1"."""
+    return ", ".join(f"{name} {value:g}{unit}" for table in tables for name, value in table.items())
 
 
 def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float | None = None,
@@ -52,10 +69,10 @@ class RunConfig:
     world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
     enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds", advanced=True)
     swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1, advanced=True)
-    strategy: str = _key("strategy", "fedavg", "server-side rule (Flower's class; diloco: DiLoCo's outer Nesterov SGD on the merged update, server/outer.py)", choices=STRATEGIES)
+    strategy: str = _key("strategy", "fedavg", "the server's rule on the merged model: Flower's class of that name, or diloco, DiLoCo's outer Nesterov SGD on the merged update (server/outer.py)", choices=STRATEGIES)
     proximal_mu: float = _key("proximal-mu", 0.01, "FedProx proximal weight mu", train=True, advanced=True)
-    server_learning_rate: float = _key("server-learning-rate", 1.0, "FedAvgM / DiLoCo server (outer) lr, FedOpt eta (DiLoCo's paper: 0.7)", minimum=0.0, exclusive_min=True)
-    server_momentum: float = _key("server-momentum", 0.0, "FedAvgM / DiLoCo momentum (DiLoCo's paper: 0.9)", minimum=0.0)
+    server_learning_rate: float = _key("server-learning-rate", -1.0, "the server's step on the merged update: FedAvgM / DiLoCo (outer) lr, FedAdam / FedYogi / FedAdagrad eta (fedavg, fedprox: none); -1, auto: the strategy's default measured in bench/results/strategy_defaults.md (" + _defaults_text(SERVER_LR) + "; " + _defaults_text(ETA_PER_LR, unit=" x learning-rate") + "; DiLoCo's paper: 0.7)", minimum=-1.0)
+    server_momentum: float = _key("server-momentum", -1.0, "FedAvgM momentum, DiLoCo Nesterov momentum (other strategies: none); -1, auto: the strategy's measured default (" + _defaults_text(SERVER_MOMENTUM) + "; DiLoCo's paper: 0.9)", minimum=-1.0)
     fraction_train: float = _key("fraction-train", 1.0, "fraction of connected nodes sampled per round", minimum=0.0, exclusive_min=True)
     min_train_nodes: int = _key("min-train-nodes", 1, "fewest valid replies a round needs; fewer: the run stops as failed (or, with allow-failed-rounds, the round is skipped)", minimum=1)
     allow_failed_rounds: bool = _key("allow-failed-rounds", False, "a round with fewer than min-train-nodes valid replies keeps the global model and the run goes on (false: the run stops and ends as failed)", advanced=True)
@@ -141,6 +158,12 @@ class RunConfig:
             raise ConfigError(f"config key 'download-codec': {self.download_codec!r} needs upload-codec = \"int8-delta\" or "
                               "\"int4-delta\": a client that starts from a low-bit slice must upload its update (the "
                               "server adds it to its float32 master), not weights the server would average as they are")
+        if self.server_learning_rate != AUTO and not self.server_learning_rate > 0:
+            raise ConfigError(f"config key 'server-learning-rate': {self.server_learning_rate!r} is not allowed; it "
+                              "must be > 0, or -1 (auto: the strategy's measured default)")
+        if self.server_momentum != AUTO and not self.server_momentum >= 0:
+            raise ConfigError(f"config key 'server-momentum': {self.server_momentum!r} is not allowed; it must be "
+                              ">= 0, or -1 (auto: the strategy's measured default)")
         if not self.trimmed_mean_beta < 0.5:
             raise ConfigError(f"config key 'trimmed-mean-beta': {self.trimmed_mean_beta!r} is not allowed; it must be in "
                               "[0, 0.5) (the fraction cut from each tail)")
@@ -183,6 +206,24 @@ class RunConfig:
         if self.rest_adapter_rank >= 0:
             return self.rest_adapter_rank
         return AUTO_REST_ADAPTER_RANK if self._adapter_fits else 0
+
+    @property
+    def effective_server_learning_rate(self) -> float | None:
+        """server-learning-rate with auto (-1) resolved: SERVER_LR, or ETA_PER_LR x learning-rate for the FedOpt rules;
+        None for a strategy without a server step (fedavg, fedprox), which ignores the key."""
+        if self.strategy not in SERVER_LR and self.strategy not in ETA_PER_LR:
+            return None
+        if self.server_learning_rate != AUTO:
+            return self.server_learning_rate
+        return SERVER_LR[self.strategy] if self.strategy in SERVER_LR else ETA_PER_LR[self.strategy] * self.learning_rate
+
+    @property
+    def effective_server_momentum(self) -> float | None:
+        """server-momentum with auto (-1) resolved to SERVER_MOMENTUM; None for a strategy without server momentum,
+        which ignores the key (fedavg, fedprox; fedadam, fedyogi, fedadagrad: their betas are fixed)."""
+        if self.strategy not in SERVER_MOMENTUM:
+            return None
+        return SERVER_MOMENTUM[self.strategy] if self.server_momentum == AUTO else self.server_momentum
 
     @property
     def effective_merge_weighting(self) -> str:

@@ -176,3 +176,20 @@ def test_server_scaling_quick_through_a_real_superlink(tmp_path):
     assert is_int(doc["model_bytes"]) and doc["model_bytes"] > 0
     assert set(doc["peak_rss_bytes"]) == {"3"} and doc["peak_rss_bytes"]["3"] > 0
     assert {"model_gb", "reply_gb", "budget_gb"} <= set(doc["3b_analytic_gb"])
+
+
+@pytest.mark.slow
+def test_strategy_defaults_quick_records_each_settings_loss_per_round_and_its_choice(tmp_path):
+    """bench/strategy_defaults.py on two settings: the second one's first round reuses the first one's replies."""
+    doc = run_bench("strategy_defaults.py", "--quick", out=tmp_path / "sd.json", timeout=300)
+    rows = doc["rows"]
+    assert [(r["strategy"], r["server_learning_rate"], r["server_momentum"]) for r in rows] == \
+        [("fedadam", 0.01, None), ("diloco", 1.0, 0.5)]
+    assert all(len(r["loss"]) == 3 and r["fell_every_round"] == all(b < a for a, b in zip(r["loss"], r["loss"][1:]))
+               for r in rows)
+    assert rows[0]["loss"][0] == rows[1]["loss"][0]  # the same initial model
+    assert doc["reused_client_replies"] == 2 and doc["trained_client_replies"] == 6
+    for name, chosen in doc["chosen"].items():
+        assert next(r for r in rows if r["strategy"] == name)["fell_every_round"]
+        assert chosen["final_loss"] == next(r for r in rows if r["strategy"] == name)["loss"][-1]
+    assert (tmp_path / "sd.md").read_text().count("\n| ") == 3  # header + 2 rows (the separator starts with "|-")

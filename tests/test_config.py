@@ -76,6 +76,10 @@ def test_slow_link_recipe_is_the_w2_recipe_with_diloco_and_many_local_steps():
     ("context-bits", 2, "choose one of"),
     ("local-steps", 0, "an integer >= 1"),
     ("max-grad-norm", -1.0, ">= 0"),
+    ("server-learning-rate", 0.0, r"must be > 0, or -1 \(auto"),
+    ("server-learning-rate", -0.5, r"must be > 0, or -1 \(auto"),
+    ("server-learning-rate", -2.0, ">= -1"),
+    ("server-momentum", -0.5, r"must be >= 0, or -1 \(auto"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -103,13 +107,76 @@ def test_local_epochs_replace_local_steps():
     assert local_step_count(epochs, n_rows=1) == 1
 
 
-def test_every_strategy_choice_builds_its_flower_strategy():
-    from fedtp_flwr.config import STRATEGIES
+def _rule_settings(rule) -> dict:
+    """The server-side settings a Flower rule was built with (the attributes its __init__ stores)."""
+    names = ("server_learning_rate", "server_momentum", "eta", "beta_1", "beta_2", "tau", "proximal_mu")
+    return {name: getattr(rule, name) for name in names if hasattr(rule, name)}
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_every_strategy_choice_builds_its_flower_strategy_with_the_configs_settings(explicit):
+    """Each choice of STRATEGIES builds its class with the config's settings: at auto the strategy's measured defaults
+    (SERVER_LR, ETA_PER_LR x learning-rate, SERVER_MOMENTUM), else the values set (a setting dropped from or misrouted
+    in the factory fails here)."""
+    from fedtp_flwr.config import ETA_PER_LR, SERVER_LR, SERVER_MOMENTUM, STRATEGIES
     from fedtp_flwr.server.strategy import make_inner_strategy
 
-    built = {name: type(make_inner_strategy(RunConfig(strategy=name))).__name__ for name in STRATEGIES}
-    assert built == {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
-                     "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "diloco": "DiLoCo"}
+    keys = dict(server_learning_rate=0.37, server_momentum=0.61, proximal_mu=0.23) if explicit else {}
+    client_lr = 2e-4
+    built = {}
+    for name in STRATEGIES:
+        rule = make_inner_strategy(RunConfig(strategy=name, learning_rate=client_lr, **keys))
+        built[name] = (type(rule).__name__, _rule_settings(rule))
+    mu_prox = 0.23 if explicit else RunConfig().proximal_mu
+    lr = {s: 0.37 if explicit else SERVER_LR[s] for s in SERVER_LR}
+    eta = {s: 0.37 if explicit else ETA_PER_LR[s] * client_lr for s in ETA_PER_LR}
+    mu = {s: 0.61 if explicit else SERVER_MOMENTUM[s] for s in SERVER_MOMENTUM}
+    assert built == {
+        "fedavg": ("FedAvg", {}),
+        "fedprox": ("FedProx", {"proximal_mu": mu_prox}),
+        "fedavgm": ("FedAvgM", {"server_learning_rate": lr["fedavgm"], "server_momentum": mu["fedavgm"]}),
+        "fedadam": ("FedAdam", {"eta": eta["fedadam"], "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+        "fedyogi": ("FedYogi", {"eta": eta["fedyogi"], "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+        "fedadagrad": ("FedAdagrad", {"eta": eta["fedadagrad"], "beta_1": 0.0, "beta_2": 0.0, "tau": 1e-3}),
+        "diloco": ("DiLoCo", {"server_learning_rate": lr["diloco"], "server_momentum": mu["diloco"]}),
+    }
+
+
+def test_server_keys_auto_resolve_to_the_strategys_measured_default_and_a_set_value_wins():
+    from fedtp_flwr.config import ETA_PER_LR, SERVER_LR, SERVER_MOMENTUM, STRATEGIES
+
+    assert set(SERVER_LR) | set(ETA_PER_LR) == set(STRATEGIES) - {"fedavg", "fedprox"}
+    for name in STRATEGIES:
+        cfg = RunConfig(strategy=name, learning_rate=3e-4)
+        lr = SERVER_LR[name] if name in SERVER_LR else ETA_PER_LR[name] * 3e-4 if name in ETA_PER_LR else None
+        assert (cfg.effective_server_learning_rate, cfg.effective_server_momentum) == (lr, SERVER_MOMENTUM.get(name))
+    for name in SERVER_LR:  # no strategy with a server step defaults to FedAvg's (lr 1, momentum 0)
+        assert (SERVER_LR[name], SERVER_MOMENTUM[name]) != (1.0, 0.0), name
+    assert RunConfig(strategy="diloco", server_learning_rate=0.3).effective_server_learning_rate == 0.3
+    assert RunConfig(strategy="fedadam", server_learning_rate=0.3).effective_server_learning_rate == 0.3
+    assert RunConfig(strategy="diloco", server_momentum=0.0).effective_server_momentum == 0.0  # 0 is a value
+    assert RunConfig(strategy="fedavg", server_learning_rate=0.3).effective_server_learning_rate is None
+    assert RunConfig(strategy="fedadam", server_momentum=0.3).effective_server_momentum is None
+
+
+def test_server_defaults_are_the_benchmarks_choice():
+    """The auto values are what bench/strategy_defaults.py chose (its results file) for every strategy with a server
+    step, the FedOpt etas as multiples of the benchmark's learning-rate: re-running the benchmark to another choice
+    fails here until the defaults follow."""
+    import json
+
+    from fedtp_flwr.config import ETA_PER_LR, SERVER_LR, SERVER_MOMENTUM
+
+    doc = json.loads((ROOT / "bench" / "results" / "strategy_defaults.json").read_text())
+    client_lr = doc["run_config"]["learning-rate"]
+    chosen = {name: (c["server-learning-rate"], c["server-momentum"]) for name, c in doc["chosen"].items()}
+    ours = {**{name: (SERVER_LR[name], SERVER_MOMENTUM[name]) for name in SERVER_LR},
+            **{name: (pytest.approx(k * client_lr), None) for name, k in ETA_PER_LR.items()}}
+    assert chosen == ours
+    for name, (lr, mu) in chosen.items():  # the chosen row fell every round
+        row = next(r for r in doc["rows"] if (r["strategy"], r["server_learning_rate"], r["server_momentum"])
+                   == (name, lr, mu))
+        assert row["fell_every_round"] and all(b < a for a, b in zip(row["loss"], row["loss"][1:]))
 
 
 def test_choice_sets_are_the_implementing_modules_own():

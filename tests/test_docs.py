@@ -125,7 +125,7 @@ def _state_copies(strategy: str) -> float:
     rounds through Flower's strategy as the app drives it (float32 in, float32 out)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from fedtp_flwr.compat import strategy_state
+    from fedtp_flwr.compat import strategy_baseline, strategy_state
     from fedtp_flwr.server.strategy import _as_float32, make_inner_strategy
 
     class Grid:
@@ -133,6 +133,7 @@ def _state_copies(strategy: str) -> float:
             return [1, 2]
 
     rule = make_inner_strategy(RunConfig(strategy=strategy, server_momentum=0.9))
+    baseline = strategy_baseline(rule)
     arrays = ArrayRecord({"w": Array(np.zeros(1000, np.float32))})
     for rnd in (1, 2):
         list(rule.configure_train(rnd, arrays, ConfigRecord(), Grid()))
@@ -141,8 +142,10 @@ def _state_copies(strategy: str) -> float:
                         dst_node_id=0, message_type=MessageType.TRAIN)
         arrays, _ = rule.aggregate_train(rnd, [reply])
         arrays = _as_float32(arrays)
-    state = strategy_state(rule)
-    return sum(a.nbytes for v in state.values() for a in (v.values() if isinstance(v, dict) else v)) / 4000
+    state = strategy_state(rule, baseline)
+    arrays = [a for v in state.values() if isinstance(v, (dict, list))
+              for a in (v.values() if isinstance(v, dict) else v) if isinstance(a, np.ndarray)]
+    return sum(a.nbytes for a in arrays) / 4000
 
 
 def test_checkpoint_sizes_are_the_model_and_the_rules_state(server_identity):

@@ -78,6 +78,8 @@ CM, CMR = "client_memory.json", "client_memory_rest_adapter.json"
 MOQ, MOQ43 = "memory_options_quality.json", "memory_options_quality_seed43.json"
 LQ, AC, ACH = "learning_quality.json", "adapter_comparison.json", "adapter_comparison_h32.json"
 ACC = "adapter_comparison_code_h32.json"
+SD = "strategy_defaults.json"
+G, F4 = (lambda v: f"{v:g}"), (lambda v: f"{v:.4f}")
 ACC128 = "adapter_comparison_code_h128.json"
 COMM, SS, SM, TR = "communication.json", "server_scaling.json", "server_merge.json", "transport.json"
 
@@ -412,6 +414,23 @@ QUOTES_BY_PAGE = {
           ("3b_analytic_gb.phases_gb.evaluating", fmt(".1f")), ("3b_analytic_gb.server_peak_vs_model", X2),
           ("3b_analytic_gb.budget_gb", fmt(".1f")), ("3b_analytic_gb.server_peak_gb_scaled_by_worst_fit", fmt(".1f")),
           *[(f"3b_analytic_gb.before_streaming_gb.{n}", fmt(".0f")) for n in (2, 4, 8)]),
+    ],
+    "docs/strategies.md": [  # bench/strategy_defaults.py: the measured server-side defaults
+        Q("sweeps {} settings over", SD, ("rows", len)),
+        Q("(from {}) |", SD, ("rows[strategy=fedavg].loss", lambda l: f"{l[0]:.4f}")),
+        Q("| `fedavg`, `fedprox` | no server step | {} |", SD, ("rows[strategy=fedavg].loss", lambda l: f"{l[-1]:.4f}")),
+        Q("| `fedavgm` | lr {}, momentum {} | {} |", SD, ("chosen.fedavgm.server-learning-rate", G),
+          ("chosen.fedavgm.server-momentum", G), ("chosen.fedavgm.final_loss", F4)),
+        Q("| `diloco` | lr {}, Nesterov momentum {} | {} |", SD, ("chosen.diloco.server-learning-rate", G),
+          ("chosen.diloco.server-momentum", G), ("chosen.diloco.final_loss", F4)),
+        Q("| `fedadam` | eta 30 x `learning-rate` ({} at the default 0.001) | {} |", SD,
+          ("chosen.fedadam.server-learning-rate", G), ("chosen.fedadam.final_loss", F4)),
+        Q("| `fedyogi` | eta 30 x `learning-rate` | {} |", SD, ("chosen.fedyogi.final_loss", F4)),
+        Q("| `fedadagrad` | eta 10 x `learning-rate` | {} |", SD, ("chosen.fedadagrad.final_loss", F4)),
+        Q("3 rounds 1.0 / 0.9 is best, {}, then 0.7 / 0.9, {}, then 1.0 / 0.5, {}, so", SD,
+          ("rows[strategy=diloco,server_learning_rate=1.0,server_momentum=0.9].loss", lambda l: f"{l[-1]:.4f}"),
+          ("rows[strategy=diloco,server_learning_rate=0.7,server_momentum=0.9].loss", lambda l: f"{l[-1]:.4f}"),
+          ("rows[strategy=diloco,server_learning_rate=1.0,server_momentum=0.5].loss", lambda l: f"{l[-1]:.4f}")),
     ],
     "docs/robustness.md": [
         Q("({} GB per 3B W=2 bf16 reply)", SS, ("3b_analytic_gb.reply_gb", fmt(".1f"))),

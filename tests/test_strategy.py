@@ -10,7 +10,7 @@ from conftest import FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedtp_flwr.config import RunConfig
+from fedtp_flwr.config import ETA_PER_LR, STRATEGIES, RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.model.sharding import shard, slice_shapes
 from fedtp_flwr.server.strategy import FederatedTensorParallel, assign_ranks
@@ -306,3 +306,114 @@ def test_context_client_starts_from_the_global_models_function(bits, tol):
             assert rel <= tol, (bits, m.content["config"]["rank"], rel)
             # uploads carry the slice and (context mode's default) the rest adapters' factors, as the server expects
             assert set(model.state_dict()) == set(s.expected_shapes) > set(slice_shapes(ARGS, 2))
+
+
+# ------------------------------------------------------------------------------ server rules: log and state
+
+def _expected_rule_words(cfg: RunConfig) -> str:
+    lr, mu = cfg.effective_server_learning_rate, cfg.effective_server_momentum
+    return {"fedavg": lambda: "FedAvg (the merged model as it is",
+            "fedprox": lambda: f"FedProx (the merged model as it is; the clients add a proximal term, mu "
+                               f"{cfg.proximal_mu:g})",
+            "fedavgm": lambda: f"FedAvgM (SGD with momentum {mu:g}, lr {lr:g}, on the merged update",
+            "fedadam": lambda: f"FedAdam (eta {lr:g}, beta1 0.9, beta2 0.99, tau 0.001",
+            "fedyogi": lambda: f"FedYogi (eta {lr:g}, beta1 0.9, beta2 0.99, tau 0.001",
+            "fedadagrad": lambda: f"FedAdagrad (eta {lr:g}, tau 0.001",
+            "diloco": lambda: f"DiLoCo outer step (SGD with Nesterov momentum {mu:g}, lr {lr:g}, on the merged update",
+            }[cfg.strategy]()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_log_names_the_rule_that_runs_with_its_values(strategy, caplog):
+    """At the defaults, the summary names the rule and the values it runs with (the measured defaults, said to be
+    so); none of Flower's own summary lines, which speak of DiLoCo as FedAvgM ("Server optimization: OFF")."""
+    cfg = RunConfig(strategy=strategy)
+    make_strategy(strategy=strategy).summary()
+    line = next(l for l in caplog.text.splitlines() if "Server rule: " in l)
+    assert _expected_rule_words(cfg) in line
+    has_server_step = RunConfig(strategy=strategy).effective_server_learning_rate is not None
+    assert ("measured default" in line and "(bench/results/strategy_defaults.md)" in line) == has_server_step
+    assert (f"{ETA_PER_LR.get(strategy, 0):g} x learning-rate" in line) == (strategy in ETA_PER_LR)
+    assert "Server optimization" not in caplog.text and "eta_l" not in caplog.text and "Flower's" not in line
+    assert "this is FedAvg" not in line  # no strategy's defaults are FedAvg's
+    caplog.clear()
+    explicit = RunConfig(strategy=strategy, server_learning_rate=0.37, server_momentum=0.61)
+    make_strategy(strategy=strategy, server_learning_rate=0.37, server_momentum=0.61).summary()
+    line = next(l for l in caplog.text.splitlines() if "Server rule: " in l)
+    assert _expected_rule_words(explicit) in line
+    assert "measured default" not in line
+    unused = [k for k, v in (("server-learning-rate", explicit.effective_server_learning_rate),
+                             ("server-momentum", explicit.effective_server_momentum)) if v is None]
+    for key in unused:
+        assert f"{key} = " in caplog.text and f"is not used: strategy {strategy} has no such setting" in caplog.text
+
+
+def test_diloco_at_lr_1_and_momentum_0_says_it_is_fedavg(caplog):
+    make_strategy(strategy="diloco", server_learning_rate=1.0, server_momentum=0.0).summary()
+    assert "DiLoCo outer step (SGD with Nesterov momentum 0, lr 1, on the merged update; at lr 1 and momentum 0 " \
+           "this is FedAvg)" in caplog.text
+
+
+def _round(strategy, state, rnd):
+    """One round through the strategy with seeded mock replies from two nodes: the new global state."""
+    _, msgs = configure(strategy, state, [1, 2], rnd=rnd)
+    replies = [trained_reply(m, seed=100 * rnd + m.metadata.dst_node_id)[0] for m in msgs]
+    new, _ = strategy.aggregate_train(rnd, replies)
+    return decode(new)
+
+
+def _through_a_checkpoint(state: dict) -> dict:
+    """inner_state as a checkpoint stores it and load_run_checkpoint reads it back (weights_only)."""
+    buf = io.BytesIO()
+    torch.save({"strategy_state": state}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)["strategy_state"]
+
+
+def _resumes_exactly(make) -> dict:
+    """Round 1 on one strategy, its inner state through a checkpoint into a fresh one, round 2 on both: equal bit for
+    bit. Returns the state, and whether a fresh strategy without it would have given another round 2."""
+    first, resumed, forgetful = make(), make(), make()
+    after_1 = _round(first, global_model(), 1)
+    state = _through_a_checkpoint(first.inner_state())
+    resumed.load_inner_state(state)
+    want = _round(first, after_1, 2)
+    got = _round(resumed, after_1, 2)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    without = _round(forgetful, after_1, 2)
+    return {"state": state, "state_matters": any(not torch.equal(want[k], without[k]) for k in want)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategys_state_is_resumed_from_a_checkpoint(strategy):
+    """Every choice of config.STRATEGIES (the config's own list, so a new one cannot be left out), at its defaults: the
+    state its rule keeps survives a checkpoint and a resumed round equals the uninterrupted one. Not vacuous: a
+    strategy with a server step gives another round 2 without its state (and one without has no state)."""
+    out = _resumes_exactly(lambda: make_strategy(strategy=strategy))
+    has_server_step = RunConfig(strategy=strategy).effective_server_learning_rate is not None
+    assert out["state_matters"] == has_server_step and bool(out["state"]) == has_server_step
+
+
+class _TraceRule(FedAvg):
+    """A server rule no Flower class is: it keeps a running mean of the merged models and a count, under names of its
+    own (so a list of Flower's state names would miss them)."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        new = {k: a.numpy() for k, a in arrays.items()}
+        trace = getattr(self, "trace", None)
+        self.trace = new if trace is None else {k: 0.5 * trace[k] + 0.5 * v for k, v in new.items()}
+        self.merges = getattr(self, "merges", 0) + 1
+        return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in self.trace.items()}), metrics
+
+
+def test_a_new_rules_state_under_names_of_its_own_is_checkpointed():
+    out = _resumes_exactly(lambda: make_strategy(inner=_TraceRule(min_available_nodes=1)))
+    assert set(out["state"]) == {"trace", "merges"} and out["state"]["merges"] == 1 and out["state_matters"]
+
+
+def test_state_a_checkpoint_cannot_hold_is_refused_by_name():
+    s = make_strategy(inner=FedAvg(min_available_nodes=1))
+    s.inner.lock = object()
+    with pytest.raises(TypeError, match="'lock' holds a object value, which a checkpoint cannot hold"):
+        s.inner_state()

@@ -28,7 +28,7 @@ from conftest import FakeGrid
 from fedtp_flwr.config import ConfigError, RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.server.aggregation import Contribution
-from fedtp_flwr.server.outputs import load_run_checkpoint
+from fedtp_flwr.server.outputs import load_run_checkpoint, run_folders
 from fedtp_flwr.server.replies import safe_text
 from fedtp_flwr.server.robust import outliers, robust_aggregate_slices
 from fedtp_flwr.server.strategy import FederatedTensorParallel, message_ttl
@@ -52,7 +52,8 @@ def honest(tmp_path_factory):
 def attacked(tmp_path, tamper, **overrides):
     history = run_in_process(tmp_path, tampering(ATTACKER, tamper), **overrides)
     assert [r for r, _, _ in history] == list(range(ROUNDS + 1))  # every round ran and was recorded
-    (path,) = (tmp_path / "checkpoints").glob(f"llama32_bytes-small_ws*_round{ROUNDS}.pth")
+    (folder,) = run_folders(tmp_path)
+    (path,) = (folder / "checkpoints").glob(f"llama32_bytes-small_ws*_round{ROUNDS}.pth")
     ckpt = load_run_checkpoint(path)
     assert all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values())
     return history
@@ -131,7 +132,8 @@ def test_a_merged_model_with_nan_loss_is_refused_and_the_run_recovers(tmp_path, 
     assert "round 1: refusing the merged model: its held-out loss is nan" in caplog.text
     assert [r for r, _, _ in history] == [0, 1, 2] and all(math.isfinite(l) for _, l, _ in history)
     assert history[1][1] == history[0][1]  # round 1 kept the initial model
-    ckpt = load_run_checkpoint(tmp_path / "checkpoints" / "llama32_bytes-small_ws2_lr0.001_round2.pth")
+    (folder,) = run_folders(tmp_path)
+    ckpt = load_run_checkpoint(folder / "checkpoints" / "llama32_bytes-small_ws2_lr0.001_round2.pth")
     assert all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values())
 
 

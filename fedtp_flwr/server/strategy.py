@@ -30,8 +30,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Result, Strategy
 from flwr.supercore import log
 
-from fedtp_flwr.compat import load_strategy_state, restore_strategy_state, snapshot_strategy_state, strategy_state
-from fedtp_flwr.config import RunConfig
+from fedtp_flwr.compat import (
+    load_strategy_state,
+    restore_strategy_state,
+    snapshot_strategy_state,
+    strategy_baseline,
+    strategy_state,
+)
+from fedtp_flwr.config import AUTO, ETA_PER_LR, RunConfig
 from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_shapes, context_rest, quantize_rest, rest_to_arrays
 from fedtp_flwr.model.sharding import shard, slice_shapes
@@ -51,26 +57,82 @@ class RunFailed(RuntimeError):
     allow-failed-rounds is off). Raised out of the ServerApp, so Flower records the run as failed."""
 
 
+# FedAdam's and FedYogi's moment decays (Flower's defaults, and Reddi et al.'s); tau is Flower's 1e-3.
+FEDOPT_BETAS = (0.9, 0.99)
+
+
 def make_inner_strategy(cfg: RunConfig) -> FedAvg:
-    """Flower's strategy named by `strategy`, with the run's sampling settings."""
+    """Flower's strategy named by `strategy`, with the run's sampling settings and its server-side settings (auto
+    ones resolved to the strategy's measured defaults, config.SERVER_LR / ETA_PER_LR / SERVER_MOMENTUM)."""
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=cfg.min_available_nodes)
-    eta = cfg.server_learning_rate
+    lr, mu = cfg.effective_server_learning_rate, cfg.effective_server_momentum
+    beta_1, beta_2 = FEDOPT_BETAS
     factories = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=cfg.proximal_mu),
-        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=eta, server_momentum=cfg.server_momentum),
-        "fedadam": lambda: FedAdam(**common, eta=eta, beta_1=0.9, beta_2=0.99),
-        "fedyogi": lambda: FedYogi(**common, eta=eta, beta_1=0.9, beta_2=0.99),
-        "fedadagrad": lambda: FedAdagrad(**common, eta=eta),
-        "diloco": lambda: DiLoCo(**common, server_learning_rate=eta, server_momentum=cfg.server_momentum),
+        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=lr, server_momentum=mu),
+        "fedadam": lambda: FedAdam(**common, eta=lr, beta_1=beta_1, beta_2=beta_2),
+        "fedyogi": lambda: FedYogi(**common, eta=lr, beta_1=beta_1, beta_2=beta_2),
+        "fedadagrad": lambda: FedAdagrad(**common, eta=lr),
+        "diloco": lambda: DiLoCo(**common, server_learning_rate=lr, server_momentum=mu),
     }
     return factories[cfg.strategy]()  # config.STRATEGIES names exactly these (tests/test_config.py)
+
+
+def rule_line(inner: FedAvg) -> str:
+    """What the server does with each round's merged model, read from the rule that runs (not from the config)."""
+    kind = type(inner)
+    if kind is FedAvg:
+        return "FedAvg (the merged model as it is: a weighted mean of the replies)"
+    if kind is FedProx:
+        return f"FedProx (the merged model as it is; the clients add a proximal term, mu {inner.proximal_mu:g})"
+    if kind in (FedAvgM, DiLoCo):
+        lr, mu = inner.server_learning_rate, inner.server_momentum
+        same = "; at lr 1 and momentum 0 this is FedAvg" if lr == 1 and mu == 0 else ""
+        if kind is DiLoCo:
+            return f"DiLoCo outer step (SGD with Nesterov momentum {mu:g}, lr {lr:g}, on the merged update{same})"
+        return f"FedAvgM (SGD with momentum {mu:g}, lr {lr:g}, on the merged update{same})"
+    if kind in (FedAdam, FedYogi):
+        return (f"{kind.__name__} (eta {inner.eta:g}, beta1 {inner.beta_1:g}, beta2 {inner.beta_2:g}, tau "
+                f"{inner.tau:g}, on the merged update)")
+    if kind is FedAdagrad:
+        return f"FedAdagrad (eta {inner.eta:g}, tau {inner.tau:g}, on the merged update)"
+    return kind.__name__
 
 
 def _as_float32(record: ArrayRecord) -> ArrayRecord:
     """Flower's adaptive rules compute in float64 (numpy scalars); the global model stays float32."""
     return ArrayRecord({k: a if a.dtype == "float32" else Array(a.numpy().astype(np.float32)) for k, a in record.items()})
+
+
+def _to_checkpoint(value, name: str):
+    """A rule's state value as torch.load(weights_only=True) reads it back: numpy arrays as tensors, containers and
+    plain values as they are."""
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _to_checkpoint(v, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_checkpoint(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"the server rule's state {name!r} holds a {type(value).__name__} value, which a checkpoint cannot "
+                    "hold (it holds numpy arrays, dicts, lists, tuples, numbers and strings)")
+
+
+def _from_checkpoint(value):
+    """The inverse of _to_checkpoint: tensors become numpy arrays again (copies: a checkpoint may be memory-mapped)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone().numpy()
+    if isinstance(value, dict):
+        return {k: _from_checkpoint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_checkpoint(v) for v in value)
+    return value
 
 
 def message_ttl(round_timeout: float) -> float:
@@ -97,6 +159,7 @@ class FederatedTensorParallel(Strategy):
         self.args, self.cfg = args, cfg
         self.world_size = cfg.world_size
         self.inner = inner if inner is not None else make_inner_strategy(cfg)
+        self._inner_built = strategy_baseline(self.inner)  # what inner_state compares against
         sliced = slice_shapes(args, self.world_size, cfg.vocab_parallel)
         adapters = (adapter_shapes(args, self.world_size, cfg.effective_rest_adapter_rank, cfg.vocab_parallel)
                     if cfg.effective_rest_adapter_rank else {})
@@ -263,27 +326,15 @@ class FederatedTensorParallel(Strategy):
         return self._close_round(rnd)
 
     def inner_state(self) -> dict:
-        """The inner rule's state between rounds (FedOpt's moments, FedAvgM's momentum) as tensors, sharing memory
-        with Flower's arrays where it can: what a checkpoint must hold for a resumed run to equal an uninterrupted
-        one (FedOpt's/FedAvgM's current arrays are the global model)."""
-        def tensor(a):
-            a = np.ascontiguousarray(a)
-            return torch.from_numpy(a if a.flags.writeable else a.copy())
-
-        out = {}
-        for name, value in strategy_state(self.inner).items():
-            arrays = value.items() if isinstance(value, dict) else enumerate(value)
-            tensors = {k: tensor(a) for k, a in arrays}
-            out[name] = tensors if isinstance(value, dict) else list(tensors.values())
-        return out
+        """The inner rule's state between rounds (FedOpt's moments, FedAvgM's momentum, whatever a rule has set or
+        changed on itself since it was built; compat.strategy_state) in the plain form a checkpoint holds: tensors
+        (sharing memory with the rule's arrays where they can), dicts, lists, numbers. What a checkpoint must hold for
+        a resumed run to equal an uninterrupted one."""
+        state = strategy_state(self.inner, self._inner_built)
+        return {name: _to_checkpoint(value, name) for name, value in state.items()}
 
     def load_inner_state(self, state: dict) -> None:
-        restored = {}
-        for name, value in state.items():
-            arrays = value.items() if isinstance(value, dict) else enumerate(value)
-            numpy = {k: t.clone().numpy() for k, t in arrays}
-            restored[name] = numpy if isinstance(value, dict) else list(numpy.values())
-        load_strategy_state(self.inner, restored)
+        load_strategy_state(self.inner, {name: _from_checkpoint(value) for name, value in state.items()})
 
     def discard_round(self) -> None:
         """Forget the last aggregate_train: the inner rule's state goes back to what it was before it."""
@@ -330,8 +381,20 @@ class FederatedTensorParallel(Strategy):
             "max-loss-increase %g", self.cfg.max_num_examples, self.cfg.outlier_norm_factor, self.cfg.rank_merge,
             f" (beta {self.cfg.trimmed_mean_beta:g})" if self.cfg.rank_merge == "trimmed-mean" else "",
             self.cfg.max_loss_increase)
-        log(INFO, "\t├──> Server rule: Flower's %s", type(self.inner).__name__)
-        self.inner.summary()
+        # Flower's own inner.summary() is not printed: its lines describe what this class replaces (minimum train
+        # nodes, record keys) or does not use (FedOpt's eta_l), and FedAvgM's would speak for DiLoCo.
+        c = self.cfg
+        keys = [("server-learning-rate", c.server_learning_rate, c.effective_server_learning_rate),
+                ("server-momentum", c.server_momentum, c.effective_server_momentum)]  # (key, set, used)
+        auto = [k for k, value, used in keys if value == AUTO and used is not None]
+        per_lr = f", {ETA_PER_LR[c.strategy]:g} x learning-rate" if c.strategy in ETA_PER_LR else ""
+        source = f"; {' and '.join(auto)}: the strategy's measured default{per_lr} (bench/results/strategy_defaults.md)"
+        log(INFO, "\t├──> Server rule: %s%s", rule_line(self.inner), source if auto else "")
+        for key, value, used in keys:
+            if value != AUTO and used is None:
+                log(WARNING, "%s = %g is not used: strategy %s has no such setting", key, value, c.strategy)
+        log(INFO, "\t└──> Sampling: fraction-train %g of the connected nodes each round, starting once %d nodes "
+            "are connected", self.cfg.fraction_train, self.cfg.min_available_nodes)
 
     # ------------------------------------------------------------------------------------ rounds
 

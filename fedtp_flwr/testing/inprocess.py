@@ -7,11 +7,13 @@ side quickly. Real runs use Flower's own Grid (`flwr run`).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import uuid
 from collections.abc import Iterable
 from typing import Any, Callable, Mapping
 
-from flwr.app import Error, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 
 from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.compat import ErrorCode, ensure_run_identity, set_message_id
@@ -25,6 +27,41 @@ def handle(msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Mess
         return identity_reply(msg, node_config)
     reply = train_reply if msg.metadata.message_type == MessageType.TRAIN else evaluate_reply
     return reply(msg, cfg, node_config)
+
+
+class CachedClients:
+    """`handle`, answering a message it already answered (same node, same records) with a copy of the same reply
+    instead of training again: runs that differ only in the server's settings start from the same model with the same
+    client seeds, so their first rounds are one computation (bench/strategy_defaults.py, the strategy tests)."""
+
+    def __init__(self):
+        self.replies: dict[str, RecordDict] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
+        key = self._key(msg, node_config)
+        if key in self.replies:
+            self.hits += 1
+        else:
+            self.misses += 1
+            reply = handle(msg, cfg, node_config)
+            if reply.has_error():
+                return reply
+            self.replies[key] = copy.deepcopy(reply.content)
+        return Message(copy.deepcopy(self.replies[key]), reply_to=msg)
+
+    @staticmethod
+    def _key(msg: Message, node_config: Mapping[str, Any]) -> str:
+        h = hashlib.sha1(repr((msg.metadata.message_type, sorted(node_config.items()))).encode())
+        for name, record in sorted(msg.content.items()):
+            h.update(name.encode())
+            if isinstance(record, ArrayRecord):
+                for k, a in record.items():
+                    h.update(repr((k, a.dtype, a.shape)).encode())
+                    h.update(a.data)
+            elif isinstance(record, ConfigRecord):
+                h.update(repr(sorted(record.items())).encode())
+        return h.hexdigest()
 
 
 class InProcessGrid:
