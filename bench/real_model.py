@@ -31,9 +31,14 @@ batch x seq tokens after a warm-up step; reported beside its FLOP floor as a sha
 slice: its model FLOPs; context slice at W: (4 + 2/W)/6, a full forward and input-gradient backward but weight
 gradients of its own slice only; LoRA: 4/6 plus its adapters').
 
-    nice -n 19 python bench/real_model.py                      # the full benchmark (sized for ~4 h on 2 idle cores)
-    python bench/real_model.py --time-steps 3                  # client seconds per step, one method at a time
-    python bench/real_model.py --quick                         # smoke run
+The full benchmark, sized for about 4 h on 2 otherwise idle cores: one process per task, one torch thread each
+(6 rounds x 4 local steps x batch 4 x 128 tokens; 22 runs), then their files joined:
+    python bench/real_model.py --tasks qa --out bench/results/real_model_qa.json &
+    python bench/real_model.py --tasks code --out bench/results/real_model_code.json &
+    wait; python bench/real_model.py --tasks '' --merge bench/results/real_model_qa.json \
+        --merge bench/results/real_model_code.json
+    python bench/real_model.py --tasks code --time-steps 3       # then: client s per step, nothing else running
+    python bench/real_model.py --quick                           # smoke run (SmolLM2: ~N min)
 Results: bench/results/real_model.json and .md (the commands in `invocations`; --merge, --fresh as in
 adapter_comparison.py).
 """
@@ -104,9 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 sequences")
-    p.add_argument("--qa-questions", type=int, default=32, help="test questions answered greedily at the best round")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches of 8 sequences")
+    p.add_argument("--qa-questions", type=int, default=24, help="test questions answered greedily at the best round")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--swap-period", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--time-steps", type=int, default=0, help="only time N local steps of each method's client")
@@ -384,6 +389,10 @@ def main(argv=None) -> dict:
         args, state = load_checkpoint(su["ckpt"])
         state = {k: v.float() for k, v in state.items()}
         c = doc["corpora"].setdefault(task, {})
+        known = next((d for d in doc["corpora"].values() if "ranks" in d), None)  # same model, batch and seq
+        if "ranks" not in c and known:
+            c.update({k: known[k] for k in ("model", "params", "dim", "memory", "ranks")}, corpus=su["corpus"],
+                     start_scores=None)
         if "ranks" not in c:
             mem = {m: lq.client_memory(state, args, cfg, a.batch, a.seq) for m, cfg in METHODS_CFG.items()}
             ranks = {m: r or mc.matched_rank(args, state, mem["ctx-ad-w3"]["total_bytes"], a.batch, a.seq)
