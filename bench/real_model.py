@@ -38,7 +38,7 @@ The full benchmark, sized for about 4 h on 2 otherwise idle cores: one process p
     wait; python bench/real_model.py --tasks '' --merge bench/results/real_model_qa.json \
         --merge bench/results/real_model_code.json
     python bench/real_model.py --tasks code --time-steps 3       # then: client s per step, nothing else running
-    python bench/real_model.py --quick                           # smoke run (SmolLM2: ~N min)
+    python bench/real_model.py --quick                           # smoke run (SmolLM2: ~20 min on 2 busy cores)
 Results: bench/results/real_model.json and .md (the commands in `invocations`; --merge, --fresh as in
 adapter_comparison.py).
 """
