@@ -213,15 +213,16 @@ def corpus_setup(a, corpus: str) -> dict:
 
 
 def scorer(a, setup: dict):
-    """score(state) -> {"test": loss, "forget": loss}: the split(s) the server never sees."""
+    """score(state, which) -> {"test": loss, "forget": loss}: the split(s) the server never sees (text, or chat /
+    alpaca records with the loss on the answers); `which` ("best" / "last") names the round scored."""
     args, _ = load_checkpoint(setup["ckpt"])
     tok = load_tokenizer(setup["tokenizer"])
     sets = {"test": setup["test"], "forget": setup["forget"]}
-    batches = {k: eval_batches(build_dataset(load_examples(p), tok, a.seq, pack=True), 8, a.eval_batches or None)
+    batches = {k: eval_batches(build_dataset(load_examples(p, "auto"), tok, a.seq, pack=True), 8, a.eval_batches or None)
                for k, p in sets.items() if p is not None}
     model = build_model(args, seed=None)
 
-    def score(state: dict) -> dict:
+    def score(state: dict, which: str | None = None) -> dict:  # which: "best" / "last" (for costlier scorers)
         model.load_state_dict(state)
         return {k: evaluate(model, b, precision="fp32")["loss"] for k, b in batches.items()}
 
@@ -231,28 +232,29 @@ def scorer(a, setup: dict):
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def server_run(a, setup: dict, method: str, seed: int, score) -> dict:
+def server_run(a, setup: dict, method: str, seed: int, score, config: dict | None = None) -> dict:
+    """One run of `method` (its run-config keys: `config`, default server_method's) through server.run."""
     ra = argparse.Namespace(**{**vars(a), "rounds": setup["rounds"]})
 
     def after(out_dir: Path) -> dict:
         ckpts = out_dir / "checkpoints"
         best = load_run_checkpoint(next(ckpts.glob("*_best.pth")))
         last = load_run_checkpoint(max(ckpts.glob("*_round*.pth"), key=lambda p: int(p.stem.rsplit("round", 1)[1])))
-        return {"best_round": int(best["round"]), "scores_best": score(best["model_state_dict"]),
-                "scores_last": score(last["model_state_dict"])}
+        return {"best_round": int(best["round"]), "scores_best": score(best["model_state_dict"], "best"),
+                "scores_last": score(last["model_state_dict"], "last")}
 
-    r = lq.run_config(ra, method, seed, setup["ckpt"], server_method(a, method), tokenizer=setup["tokenizer"],
+    r = lq.run_config(ra, method, seed, setup["ckpt"], config or server_method(a, method), tokenizer=setup["tokenizer"],
                       node_files=setup["nodes"], eval_file=setup["val"], after=after)
     return {k: v for k, v in r.items() if k != "config"}
 
 
-def _lora_scale_products(ad: dict) -> dict[str, torch.Tensor]:
-    """peft adapter state -> {weight name: B @ A} (lora_alpha = rank: scale 1)."""
+def _lora_scale_products(ad: dict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """peft adapter state -> {weight name: scale B @ A} (scale = lora_alpha / rank; 1 when lora_alpha = rank)."""
     out = {}
     for k, a_mat in ad.items():
         if ".lora_A." in k:
             name = k.replace(".lora_A.weight", ".weight")
-            out[name] = ad[k.replace(".lora_A.", ".lora_B.")].float() @ a_mat.float()
+            out[name] = scale * (ad[k.replace(".lora_A.", ".lora_B.")].float() @ a_mat.float())
     return out
 
 
@@ -268,7 +270,7 @@ def lora_merged_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int
                                     "checkpoint-dir": str(setup["ckpt"]), "tokenizer-path": setup["tokenizer"],
                                     "max-seq-len": a.seq, "batch-size": a.batch, "packing": True})
     tok = load_tokenizer(setup["tokenizer"])
-    val = eval_batches(build_dataset(load_examples(setup["val"]), tok, a.seq, pack=True), 8, a.eval_batches or None)
+    val = eval_batches(build_dataset(load_examples(setup["val"], "auto"), tok, a.seq, pack=True), 8, a.eval_batches or None)
     eval_model = build_model(args, seed=None)
 
     def val_loss() -> tuple[float, float]:
@@ -304,14 +306,14 @@ def lora_merged_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int
     seconds = time.perf_counter() - t0
     n = len(nodes)
     return {"history": history, "final_ppl": history[-1][2], "final_loss": history[-1][1], "seconds": seconds,
-            "rank": rank, "lr": lr, "best_round": best[1], "scores_best": score(best[2]), "scores_last": score(base),
+            "rank": rank, "lr": lr, "best_round": best[1], "scores_best": score(best[2], "best"), "scores_last": score(base, "last"),
             "bytes_down_per_client_round": n * adapter_bytes, "bytes_up_per_client_round": adapter_bytes,
             "bytes_once": 4 * sum(t.numel() for t in state.values()), "client_seconds": client_seconds}
 
 
-def lora_fedavg_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, score) -> dict:
-    """method_comparison's federated LoRA (Flower's FedAvg of A and B), on the validation split, scored on the
-    test / forgetting sets at its best validation round and its last."""
+def lora_fedavg_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, score, alpha: int | None = None) -> dict:
+    """method_comparison's federated LoRA (Flower's FedAvg of A and B; lora_alpha = `alpha`, default the rank), on
+    the validation split, scored on the test / forgetting sets at its best validation round and its last."""
     su = {**setup, "eval": setup["val"]}
     _, base = load_checkpoint(setup["ckpt"])
     kept = {}
@@ -320,13 +322,13 @@ def lora_fedavg_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int
         kept[rnd] = adapters
 
     def merged(adapters):  # base + B A: the model the server evaluated, as a plain Transformer's state
-        products = _lora_scale_products(adapters)
+        products = _lora_scale_products(adapters, (alpha or rank) / rank)
         return {k: v.float() + products[k] if k in products else v.float() for k, v in base.items()}
 
-    r = mc.lora_run(a, su, seed, rank, lr, rounds, on_round=keep)
+    r = mc.lora_run(a, su, seed, rank, lr, rounds, on_round=keep, alpha=alpha)
     best_round = min(range(1, len(r["history"])), key=lambda i: r["history"][i][1])
-    r.update({"best_round": best_round, "scores_best": score(merged(kept[best_round])),
-              "scores_last": score(merged(kept[rounds]))})
+    r.update({"best_round": best_round, "scores_best": score(merged(kept[best_round]), "best"),
+              "scores_last": score(merged(kept[rounds]), "last"), "alpha": alpha or rank})
     return r
 
 
@@ -339,17 +341,17 @@ def _mean_spread(values: list[float]) -> dict | None:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize(doc: dict) -> list[str]:
+def summarize(doc: dict, corpora=CORPORA, methods=METHODS) -> list[str]:
     """Per corpus and method, over seeds: loss gain shares (validation per round, test at the best validation
     round), forgetting, bytes, client seconds; the issue's targets."""
     tables, doc["summary"] = [], {}
-    for corpus in CORPORA:
+    for corpus in corpora:
         runs = [r for r in doc["runs"] if r["corpus"] == corpus]
         fed = {r["seed"]: r for r in runs if r["method"] == "fedavg"}
         if not fed:
             continue
         out, rows = {}, []
-        for method in METHODS:
+        for method in methods:
             mine = [r for r in runs if r["method"] == method and r["seed"] in fed]
             if not mine:
                 continue
@@ -476,34 +478,50 @@ def targets(summary: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _key(r: dict) -> tuple:
+    return r["corpus"], r["seed"], r["method"]
+
+
+def join_runs(doc: dict, theirs: dict) -> None:
+    """Add another results document's runs (those this one lacks) and corpora to `doc`."""
+    have = {_key(r) for r in doc["runs"]}
+    doc["runs"] += [r for r in theirs.get("runs", []) if _key(r) not in have]
+    doc["corpora"] = {**theirs.get("corpora", {}), **doc["corpora"]}
+
+
+def open_results(out: Path, fresh: bool, merge: list, invocation: str) -> dict:
+    """The results document to continue: `out`'s runs unless `fresh`, joined with the `merge` files' runs, and
+    this command appended to its `invocations` (runs are keyed by corpus, seed and method)."""
+    doc = {"runs": [], "corpora": {}, "invocations": []}
+    if out.exists() and not fresh:
+        old = json.loads(out.read_text())
+        doc.update(runs=old.get("runs", []), corpora=old.get("corpora", {}), invocations=old.get("invocations", []))
+    doc["invocations"].append(invocation)
+    for other in merge:
+        theirs = json.loads(Path(other).read_text())
+        join_runs(doc, theirs)
+        doc["invocations"] = [*theirs.get("invocations", []), *doc["invocations"]]
+    return doc
+
+
+def keep_others(doc: dict, out: Path) -> None:
+    """Before writing `out`: keep the runs another process has added to it meanwhile."""
+    if out.exists():
+        join_runs(doc, json.loads(out.read_text()))
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     out = Path(a.out) if a.out else _common.RESULTS_DIR / "adapter_comparison.json"
-    doc = {"runs": [], "corpora": {}}
-    if out.exists() and not a.fresh:
-        old = json.loads(out.read_text())
-        doc["runs"], doc["corpora"] = old.get("runs", []), old.get("corpora", {})
-        doc["invocations"] = old.get("invocations", [])
+    doc = open_results(out, a.fresh, a.merge, " ".join(["python bench/adapter_comparison.py", *(argv or sys.argv[1:])]))
     doc["settings"] = {k: v for k, v in vars(a).items()
                        if k not in ("cache_dir", "out", "seed_list", "corpus_list", "merge", "corpora")}
-    doc.setdefault("invocations", []).append(" ".join(["python bench/adapter_comparison.py", *(argv or sys.argv[1:])]))
-    for other in a.merge:
-        theirs = json.loads(Path(other).read_text())
-        have = {(r["corpus"], r["seed"], r["method"]) for r in doc["runs"]}
-        doc["runs"] += [r for r in theirs["runs"] if (r["corpus"], r["seed"], r["method"]) not in have]
-        doc["corpora"] = {**theirs.get("corpora", {}), **doc["corpora"]}
-        doc["invocations"] = [*theirs.get("invocations", []), *doc["invocations"]]
     done = {(r["corpus"], r["seed"], r["method"]) for r in doc["runs"]}
 
     def save():
-        # another process may have added runs to the same file meanwhile: keep them
-        if out.exists():
-            theirs = json.loads(out.read_text())
-            mine = {(r["corpus"], r["seed"], r["method"]) for r in doc["runs"]}
-            doc["runs"] += [r for r in theirs.get("runs", []) if (r["corpus"], r["seed"], r["method"]) not in mine]
-            doc["corpora"] = {**theirs.get("corpora", {}), **doc["corpora"]}
+        keep_others(doc, out)
         tables = summarize(doc)
         _common.write_results("adapter_comparison", doc, out)
         lines = [f"- {c}: {goal}: " + ("met" if t["met"] else "NOT met" if t["met"] is False else "not measured")

@@ -237,8 +237,8 @@ def corpus_setup(a, corpus: str) -> dict:
 # ----------------------------------------------------------------------------------------------- LoRA
 
 
-def lora_model(args: ModelArgs, state: dict, rank: int, seed: int = 0) -> torch.nn.Module:
-    """The full model (frozen, float32) with peft LoRA adapters (rank `rank`, lora_alpha = rank) on every
+def lora_model(args: ModelArgs, state: dict, rank: int, seed: int = 0, alpha: int | None = None) -> torch.nn.Module:
+    """The full model (frozen, float32) with peft LoRA adapters (rank `rank`, lora_alpha = `alpha`, default rank) on every
     linear of every block; only the adapters train. Adapter init is seeded (A: kaiming, B: zeros)."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -247,7 +247,7 @@ def lora_model(args: ModelArgs, state: dict, rank: int, seed: int = 0) -> torch.
     model.requires_grad_(False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0,
                                                    target_modules=LORA_TARGETS), model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -301,7 +301,8 @@ def matched_rank(args: ModelArgs, state: dict, target_bytes: int, batch: int, se
     return lo
 
 
-def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_round=None) -> dict:
+def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_round=None,
+             alpha: int | None = None) -> dict:
     """Federated LoRA: Flower's FedAvg (weighted by num-examples) of the adapters over the in-process grid;
     each client loads the adapters into its own frozen base model and trains them; the server evaluates
     base + averaged adapters on the held-out data after every round (and hands them to `on_round(round,
@@ -316,7 +317,7 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_ro
            "max-grad-norm": 1.0}
 
     def handle(msg: Message, rc, node_config) -> Message:
-        model = lora_model(args, state, rank)  # the client's own copy of the base (downloaded once)
+        model = lora_model(args, state, rank, alpha=alpha)  # the client's own copy of the base (downloaded once)
         load_adapters(model, msg.content["arrays"])
         data = local_dataset(rc, node_config, "train")
         s = node_seed(rc, node_config, int(msg.content["config"]["server-round"]))
@@ -327,9 +328,9 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_ro
         return Message(RecordDict({"arrays": encode(adapter_state(model)), "metrics": metrics}), reply_to=msg)
 
     tok = load_tokenizer(setup["tokenizer"])
-    held = build_dataset(load_examples(setup["eval"]), tok, a.seq, pack=True)
+    held = build_dataset(load_examples(setup["eval"], "auto"), tok, a.seq, pack=True)
     batches = eval_batches(held, 8, a.eval_batches or None)
-    eval_model = lora_model(args, state, rank)
+    eval_model = lora_model(args, state, rank, alpha=alpha)
     history = []
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
@@ -342,7 +343,7 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_ro
 
     grid = InProcessGrid(nodes, cfg, handler=handle)
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
-    init = encode(adapter_state(lora_model(args, state, rank, seed=seed)))
+    init = encode(adapter_state(lora_model(args, state, rank, seed=seed, alpha=alpha)))
     t0 = time.perf_counter()
     strategy.start(grid, init, num_rounds=rounds, evaluate_fn=evaluate_fn)
     seconds = time.perf_counter() - t0

@@ -193,3 +193,37 @@ def test_strategy_defaults_quick_records_each_settings_loss_per_round_and_its_ch
         assert next(r for r in rows if r["strategy"] == name)["fell_every_round"]
         assert chosen["final_loss"] == next(r for r in rows if r["strategy"] == name)["loss"][-1]
     assert (tmp_path / "sd.md").read_text().count("\n| ") == 3  # header + 2 rows (the separator starts with "|-")
+
+
+@pytest.mark.slow
+def test_real_model_quick_on_a_tiny_hugging_face_folder(tmp_path):
+    """bench/real_model.py --quick end to end (both tasks, the main rows, the QA metric, the step-time mode) on a
+    tiny Llama folder with its own tokenizer instead of SmolLM2 (the same code path, seconds instead of minutes)."""
+    pytest.importorskip("rouge_score")
+    from conftest import make_folder
+
+    folder = make_folder(tmp_path / "tiny-hf")  # 9 heads / 3 kv heads: W=3 is valid, as for SmolLM2
+    common = ["--checkpoint-dir", str(folder), "--cache-dir", str(tmp_path / "cache")]
+    doc = run_bench("real_model.py", "--quick", *common, out=tmp_path / "real.json", timeout=300)
+    assert {(r["corpus"], r["method"]) for r in doc["runs"]} == {
+        (t, m) for t in ("qa", "code") for m in ("ctx-ad-w3", "fedavg", "lora-flowertune")}
+    for r in doc["runs"]:
+        assert r["best_round"] == 1 and {"test", "forget"} <= set(r["scores_best"]) <= set(r["scores_last"]) | {
+            "rougeL", "exact", "answers"}
+        assert (r["corpus"] == "qa") == ("rougeL" in r["scores_best"])  # the task metric at the best round only
+        assert "rougeL" not in r["scores_last"] and 0 <= r["scores_best"].get("rougeL", 0) <= 1
+    assert doc["corpora"]["qa"]["ranks"]["lora-flowertune"] == 32 and [r["alpha"] for r in doc["runs"]
+                                                                          if r["method"] == "lora-flowertune"] == [64, 64]
+    qa = doc["corpora"]["qa"]["corpus"]
+    assert set(qa["families"]) == {"files", "text", "data", "numbers"} and qa["test"] > 0 and qa["val"] > 0
+    assert set(doc["summary"]) == {"qa", "code"} and doc["invocations"][-1].startswith("python bench/real_model.py")
+    # the step-time mode: every method one at a time, with its FLOP floor (analytic: checked by value)
+    doc = run_bench("real_model.py", "--time-steps", "1", "--tasks", "code", "--batch", "1", "--seq", "16", *common,
+                    out=tmp_path / "real.json", timeout=300)
+    t = doc["step_times"]["code"]
+    assert set(t) == {"ctx-ad-w3", "ind-w3", "fedavg", "lora-flowertune", "lora-ctxmem"}
+    assert t["fedavg"]["flop_floor_vs_fedavg"] == 1.0 and t["fedavg"]["vs_fedavg"] == 1.0
+    assert t["ctx-ad-w3"]["flop_floor_vs_fedavg"] == pytest.approx((4 + 2 / 3) / 6)
+    assert 0 < t["ind-w3"]["flop_floor_vs_fedavg"] < 1 and t["lora-flowertune"]["flop_floor_vs_fedavg"] > 4 / 6
+    assert all(isinstance(v["seconds_per_step"], float) and v["seconds_per_step"] > 0 for v in t.values())
+    assert len(doc["runs"]) == 6  # kept from the quick run
