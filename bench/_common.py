@@ -236,16 +236,19 @@ def touch(t: torch.Tensor, value: float = 0.01) -> torch.Tensor:
 LIVE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run_worker(script: Path | str, argv: Sequence[str], timeout: float = 1800, env: dict | None = None) -> dict:
-    """Run `python script --worker argv...` in a fresh interpreter; it prints one JSON line last."""
+def run_worker(script: Path | str, argv: Sequence[str], timeout: float = 1800, env: dict | None = None,
+               stream_stderr: bool = False) -> dict:
+    """Run `python script --worker argv...` in a fresh interpreter; it prints one JSON line last. With
+    `stream_stderr` its stderr (progress) goes to this process's stderr as it comes, not into the error message."""
     cmd = [sys.executable, str(script), "--worker", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if stream_stderr else subprocess.PIPE, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    stderr = "(its stderr is above)" if stream_stderr else proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"worker {' '.join(cmd)} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise RuntimeError(f"worker {' '.join(cmd)} printed no JSON:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"worker {' '.join(cmd)} printed no JSON:\n{proc.stdout[-2000:]}\n{stderr[-2000:]}")
     return json.loads(lines[-1])
 
 

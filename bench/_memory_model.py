@@ -48,6 +48,7 @@ from fedtp_flwr.model.context import (
     rest_shapes,
 )
 from fedtp_flwr.model.quant import QTensor, layout, quantize
+from fedtp_flwr.model.rows import row_slices
 from fedtp_flwr.model.sharding import shard_args, slice_shapes
 from fedtp_flwr.training import chunked_loss
 from fedtp_flwr.training.loop import STEP_BLOCK_VALUES
@@ -69,9 +70,26 @@ def _meta_qtensor(shape: tuple[int, int], bits: int, group_size: int | None) -> 
     return QTensor(data, scale, bits, tuple(shape), group_size)
 
 
+def _random_qtensor(shape: tuple[int, int], bits: int, group_size: int | None, device) -> QTensor:
+    """A random frozen rest as a client holds it (normal, std 0.02, quantized): written a block of rows at a time
+    into the low-bit codes and scales, so no float32 copy of the whole tensor is built (a client receives the
+    rest low-bit; the 3B's output rest at W=8 is 345M values, 1.4 GB in float32)."""
+    data_shape, data_dtype, scale_shape = layout(shape, bits, group_size)
+    data = torch.empty(data_shape, dtype=data_dtype, device=device)
+    scale = None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32, device=device)
+    for rows in row_slices(shape[0], shape[1], ROW_BLOCK_VALUES):
+        q = quantize(torch.randn(rows.stop - rows.start, shape[1], device=device).mul_(0.02), bits, group_size)
+        data[rows] = q.data
+        if scale is not None:
+            scale[rows] = q.scale
+    return QTensor(data, scale, bits, tuple(shape), group_size)
+
+
 def client_model(args: ModelArgs, world_size: int, opts: dict, device: str = "meta") -> nn.Module:
     """The model a client builds for these options (W=1 is always the full model): on the meta device, or
-    on a real one with random weights (normal, std 0.02; the frozen rest quantized one tensor at a time)."""
+    on a real one with random weights (normal, std 0.02, drawn in the weights' dtype; the frozen rest quantized a
+    block of rows at a time). Building holds the slice twice for a moment, as a client's build does (the slice
+    state, then the model's copy of it)."""
     opts = {**BASELINE, **opts}
     dtype = _dtype(opts)
     if opts["slice-mode"] == "context" and world_size > 1:
@@ -81,7 +99,7 @@ def client_model(args: ModelArgs, world_size: int, opts: dict, device: str = "me
         if device == "meta":
             rest = {n: _meta_qtensor(s, bits, gs) for n, s in shapes.items()}
         else:
-            rest = {n: quantize(torch.randn(s, device=device).mul_(0.02), bits, gs) for n, s in shapes.items()}
+            rest = {n: _random_qtensor(s, bits, gs, device) for n, s in shapes.items()}
         state = {k: torch.empty(s, dtype=dtype, device=device) for k, s in slice_shapes(args, world_size, vp).items()}
         for t in state.values() if device != "meta" else ():
             t.normal_(0.0, 0.02)

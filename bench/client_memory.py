@@ -36,12 +36,14 @@ import gc
 import itertools
 import sys
 import time
+from unittest import mock
 
 import _common
 import _memory_model as mm
 import torch
 
 from fedtp_flwr.model.sharding import valid_world_sizes
+from fedtp_flwr.server import memory
 from fedtp_flwr.training import TrainSettings, train_local
 from fedtp_flwr.training import loop as training
 
@@ -110,32 +112,80 @@ def warm_optimizer_compile(args, world_size: int, opts: dict, device: str) -> No
             del p, opt
 
 
+def _say(a, text: str) -> None:
+    if a.progress:
+        print(f"[{time.strftime('%H:%M:%S')}] {a.model} {a.option} W={a.world_size}: {text}", file=sys.stderr,
+              flush=True)
+
+
 def worker(a) -> dict:
-    """One (option, W), in this (fresh) process."""
+    """One (option, W), in this (fresh) process. Peak RSS above the RSS before the client model is built: of the
+    build (the slice is held twice for a moment, as a client's build holds it) and of each phase of training
+    (each step's forward, then its backward and optimizer step), the high-water mark read and reset at each."""
     opts = OPTIONS[a.option]
     args = _common.model_args(a.model)
     device = torch.device(a.device)
+    t0 = time.perf_counter()
     warm_optimizer_compile(args, a.world_size, opts, a.device)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (a.batch, a.seq + 1), generator=g)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    # Warm up the same code path (optimizer, compile, autograd) on a tiny model of the same family first.
-    tiny = mm.client_model(_common.model_args("bench-tiny"), a.world_size, opts, device=a.device)
+    # Warm up the same code path (optimizer, compile, autograd) on a tiny model of the same family first, at
+    # the largest world size up to W that it divides into.
+    tiny_args = _common.model_args("bench-tiny")
+    tiny_w = max(w for w in valid_world_sizes(tiny_args, vocab_parallel=True) if w <= a.world_size)
+    tiny = mm.client_model(tiny_args, tiny_w, opts, device=a.device)
     small = torch.randint(0, 512, (1, 17), generator=g)
     train_local(tiny, itertools.repeat((small[:, :-1], small[:, 1:])), settings_for(opts, 2))
     del tiny
     gc.collect()
+    warm_seconds = time.perf_counter() - t0
+    _say(a, f"warmed up (optimizer compiled for every shape) in {warm_seconds:.0f} s")
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    memory.release_freed_memory()
     base_rss = _common.rss_bytes()
     _common.reset_peak_rss()
+    phases, clock = [], [time.perf_counter()]
+
+    def mark(name):  # ends a phase: its peak and the RSS it leaves (above the base), then resets the peak
+        now, peak = time.perf_counter(), _common.peak_rss_bytes()
+        memory.release_freed_memory()
+        phases.append({"phase": name, "peak_rss_delta": peak - base_rss,
+                       "rss_after_delta": _common.rss_bytes() - base_rss, "seconds": now - clock[0]})
+        _say(a, f"{name}: peak {phases[-1]['peak_rss_delta'] / 1e9:.3f} GB above the base, {now - clock[0]:.0f} s")
+        _common.reset_peak_rss()
+        clock[0] = time.perf_counter()
+
     model = mm.client_model(args, a.world_size, opts, device=a.device)
+    gc.collect()
+    mark("build")
+    real_loss, real_set_lr = training._loss, training.set_lr
+
+    def loss(*args_, **kw):  # training's _loss: a step's forward and loss
+        out = real_loss(*args_, **kw)
+        mark(f"step {sum(p['phase'].endswith('forward') for p in phases) + 1} forward")
+        return out
+
+    def set_lr(opt, lr):  # called as every step starts: the previous step's backward (and step) has ended
+        if len(phases) > 1:
+            mark(f"step {len(phases) // 2} backward+step")
+        real_set_lr(opt, lr)
+
     t0 = time.perf_counter()
-    m = train_local(model, itertools.repeat(batch), settings_for(opts, a.steps))
-    out = {"params": sum(p.numel() for p in model.parameters()), "peak_rss_delta": _common.peak_rss_bytes() - base_rss,
-           "base_rss": base_rss, "train_seconds": time.perf_counter() - t0, "train_loss": m["train_loss"]}
+    with mock.patch.object(training, "_loss", loss), mock.patch.object(training, "set_lr", set_lr):
+        m = train_local(model, itertools.repeat(batch), settings_for(opts, a.steps))
+    mark(f"step {len(phases) // 2} backward+step")
+    train = [p for p in phases if p["phase"] != "build"]
+    out = {"params": sum(p.numel() for p in model.parameters()),
+           "peak_rss_delta": max(p["peak_rss_delta"] for p in phases),  # build and training
+           "build_peak_rss_delta": phases[0]["peak_rss_delta"],
+           "train_peak_rss_delta": max(p["peak_rss_delta"] for p in train),
+           "model_rss_delta": phases[0]["rss_after_delta"], "phases": phases,
+           "base_rss": base_rss, "warm_seconds": warm_seconds, "build_seconds": phases[0]["seconds"],
+           "train_seconds": time.perf_counter() - t0, "train_loss": m["train_loss"]}
     if device.type == "cuda":
         out["cuda_peak_allocated_delta"] = torch.cuda.max_memory_allocated() - base
     return out
@@ -183,6 +233,7 @@ def main(argv=None) -> dict:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--option", default="today", help=argparse.SUPPRESS)
     p.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the worker's phases on stderr
     a = p.parse_args(argv)
     if a.worker:
         _common.worker_reply(worker(a))

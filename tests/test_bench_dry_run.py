@@ -140,6 +140,26 @@ def test_client_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_client_memory_measured_quick(tmp_path):
+    """bench/client_memory_measured.py (the 3B measured at W = 8, 4, 2) on bench-tiny: a worker process per W, its
+    phases (build, then each step's forward and backward), the analytic figure of the same run, JSON and Markdown."""
+    doc = run_bench("client_memory_measured.py", "--quick", out=tmp_path / "measured.json", timeout=600)
+    assert doc["complete"] and doc["option"] == "+vocab-parallel"
+    assert (doc["batch"], doc["seq"], doc["steps"]) == (1, 32, 2)
+    (r,) = doc["rows"]
+    w = r["worker"]
+    assert r["world_size"] == 2 and r["analytic"]["params"] == w["params"]
+    assert [p["phase"] for p in w["phases"]] == ["build", "step 1 forward", "step 1 backward+step", "step 2 forward",
+                                                 "step 2 backward+step"]
+    # measured (load-dependent): training's peak is the largest phase after the build, and the ratio derives from it
+    assert r["measured"] == w["train_peak_rss_delta"] == max(p["peak_rss_delta"] for p in w["phases"][1:])
+    assert r["build_peak"] == w["phases"][0]["peak_rss_delta"] and is_int(r["measured"])
+    assert r["measured_over_analytic"] == pytest.approx(r["measured"] / r["analytic"]["peak"])
+    assert doc["summary"]["by_world_size"]["2"]["analytic_gb"] == round(r["analytic"]["peak"] / 1e9, 2)
+    assert "| 2 | step 2 backward+step |" in (tmp_path / "measured.md").read_text()
+
+
+@pytest.mark.slow
 def test_server_merge_quick(tmp_path):
     doc = run_bench("server_merge.py", "--quick", out=tmp_path / "merge.json")
     assert {r["op"] for r in doc["rows"]} == {"copy", "copy-float32", "merge", "aggregate"}
