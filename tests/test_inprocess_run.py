@@ -30,8 +30,10 @@ def go(tmp_path, n_nodes=2, handler=handle, run_id=1, node_ids=None, **overrides
 
 
 @pytest.mark.slow  # full in-process rounds of the tiny preset: seconds each
-def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path):
+def test_outputs_in_the_seed_formats_and_perplexity_falls(tmp_path, caplog):
     grid = go(tmp_path)
+    # the ServerApp's last line says what the run trained
+    assert caplog.records[-1].getMessage() == "fedtp-flwr: 2 of 2 rounds trained (1: 2 clients, 2: 2 clients)"
     results = pickle.loads((tmp_path / "experiment_results_llama32.pkl").read_bytes())
     key = (2, 1e-3, False, 2, 42)
     assert list(results) == [key]
