@@ -28,7 +28,8 @@ from conftest import FakeGrid
 from fedtp_flwr.config import ConfigError, RunConfig
 from fedtp_flwr.model import ModelArgs, build_model
 from fedtp_flwr.server.aggregation import Contribution
-from fedtp_flwr.server.outputs import load_run_checkpoint, run_folders
+from fedtp_flwr.server.outputs import load_run_checkpoint, read_results, run_folders
+from fedtp_flwr.server.strategy import RunFailed
 from fedtp_flwr.server.replies import safe_text
 from fedtp_flwr.server.robust import outliers, robust_aggregate_slices
 from fedtp_flwr.server.strategy import FederatedTensorParallel, message_ttl
@@ -128,18 +129,23 @@ def test_a_merged_model_with_nan_loss_is_refused_and_the_run_recovers(tmp_path, 
         return with_content(reply, msg, arrays=encode({k: torch.full_like(t, 3e38) if ".attention.w" in k else t
                                                        for k, t in decode(reply.content["arrays"]).items()}))
 
-    history = run_in_process(tmp_path, tampering(2, huge_attention), n_nodes=2)
+    # the attacker sends it every round: every merge is refused, nothing trains, and the run ends failed
+    with pytest.raises(RunFailed, match="no round trained"):
+        run_in_process(tmp_path, tampering(2, huge_attention), n_nodes=2)
     assert "round 1: refusing the merged model: its held-out loss is nan" in caplog.text
+    (folder,) = run_folders(tmp_path)
+    (history,) = read_results(folder / "experiment_results_llama32.pkl").values()
     assert [r for r, _, _ in history] == [0, 1, 2] and all(math.isfinite(l) for _, l, _ in history)
     assert history[1][1] == history[0][1]  # round 1 kept the initial model
-    (folder,) = run_folders(tmp_path)
-    ckpt = load_run_checkpoint(folder / "checkpoints" / "llama32_bytes-small_ws2_lr0.001_round2.pth")
-    assert all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values())
+    assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())
 
 
 @pytest.mark.slow
 def test_a_merged_model_much_worse_than_the_last_is_refused(tmp_path, caplog):
-    history = run_in_process(tmp_path, tampering(2, lambda r, m: with_arrays(r, m, noise(1.0))), n_nodes=2)
+    with pytest.raises(RunFailed, match="no round trained"):  # refused every round: nothing trained
+        run_in_process(tmp_path, tampering(2, lambda r, m: with_arrays(r, m, noise(1.0))), n_nodes=2)
+    (folder,) = run_folders(tmp_path)
+    (history,) = read_results(folder / "experiment_results_llama32.pkl").values()
     assert "refusing the merged model: its held-out loss" in caplog.text and "(max-loss-increase)" in caplog.text
     assert all(l <= history[0][1] for _, l, _ in history)
 
