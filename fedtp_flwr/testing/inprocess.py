@@ -39,6 +39,8 @@ class CachedClients:
         self.hits = self.misses = 0
 
     def __call__(self, msg: Message, cfg: RunConfig, node_config: Mapping[str, Any]) -> Message:
+        if not msg.metadata.message_type.startswith("train"):  # e.g. the identity query: cheap, and not a reply to count
+            return handle(msg, cfg, node_config)
         key = self._key(msg, node_config)
         if key in self.replies:
             self.hits += 1
