@@ -17,6 +17,7 @@ Methods (server ones through the real server.run over the in-process grid):
   fedavg                    world size 1: every client trains the whole model
   ctx-w2                    context slices, int4 frozen rest, all-clients merge (code corpus only)
   ctx-ad-w2, ctx-ad-w4      the same with rank --adapter-rank rest adapters (rest-adapter-rank)
+  ctx-ad-w8                 ctx-ad-w4 at twice the kv heads (each kv head held by 2 ranks, merged within the pair)
   ctx-ad-w2-up4[-down8|-down4]  ctx-ad-w2 with its update uploaded in int4 (and its slice downloaded in int8 / int4)
   lora-w2mem, lora-w4mem    federated LoRA (peft, every linear of every block, lora_alpha = rank): Flower's FedAvg
                             of the factors A and B
@@ -69,6 +70,8 @@ SERVER_METHODS = {
     "fedavg": {"world-size": 1},
     "ctx-w2": {"world-size": 2, **_CTX},
     "ctx-ad-w2": {"world-size": 2, **_CTX}, "ctx-ad-w4": {"world-size": 4, **_CTX},  # + the adapter keys (main)
+    # beyond the kv heads (issue 31): 8 query heads over 4 kv heads at W = 8, each kv head held by 2 ranks
+    "ctx-ad-w8": {"world-size": 8, **_CTX},
     # the small-GPU recipes' setting: embeddings and output split by vocabulary rows too (no adapter on those rows)
     "ctx-ad-w2-vp": {"world-size": 2, **_CTX, "vocab-parallel": True},
     # ... with the recipes' codecs: the small-GPU recipe's learning options as shipped
@@ -116,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="drop the runs already in --out (default: keep, run the rest)")
     p.add_argument("--merge", action="append", default=[], help="another results file of this script whose runs join "
                    "--out (e.g. corpora run in parallel processes); with --corpora '' only the summary is redone")
+    p.add_argument("--nodes-per-group", type=int, default=1,
+                   help="split each data group's file into this many nodes (lines alternately): 2 gives 8 nodes, "
+                        "so W = 8 has a node per rank")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 2 steps, tiny pretrain, few runs")
     a = p.parse_args(argv)
     if a.quick:
@@ -194,8 +200,31 @@ def build_code(cache: Path) -> dict:
     return info
 
 
+def split_nodes(files: list[Path], parts: int, out: Path) -> list[Path]:
+    """Each node file cut into `parts` files of alternate lines (records): the same groups, more nodes."""
+    if parts == 1:
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    split = []
+    for f in files:
+        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        for j in range(parts):
+            path = out / f"{f.stem}-{j}.jsonl"
+            path.write_text("".join(lines[j::parts]), encoding="utf-8")
+            split.append(path)
+    return split
+
+
 def corpus_setup(a, corpus: str) -> dict:
-    """checkpoint, tokenizer, node files, validation / test / forgetting files of a corpus."""
+    """checkpoint, tokenizer, node files, validation / test / forgetting files of a corpus (each group's node file
+    split into --nodes-per-group nodes)."""
+    setup = _corpus_setup(a, corpus)
+    n = getattr(a, "nodes_per_group", 1)
+    setup["nodes"] = split_nodes(setup["nodes"], n, Path(a.cache_dir) / f"{corpus}-nodes-x{n}")
+    return setup
+
+
+def _corpus_setup(a, corpus: str) -> dict:
     cache = Path(a.cache_dir)
     if corpus == "code":
         info = build_code(cache)

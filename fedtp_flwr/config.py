@@ -66,7 +66,7 @@ def _key(name: str, default: Any, help: str, choices: tuple = (), minimum: float
 class RunConfig:
     # -- federation
     num_server_rounds: int = _key("num-server-rounds", 3, "federated rounds", minimum=1, resume_may_differ=True)
-    world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_kv_heads and the FFN size)", minimum=1)
+    world_size: int = _key("world-size", 2, "tensor-parallel degree W (must divide n_heads and the FFN size, and divide n_kv_heads or be a multiple of it)", minimum=1)
     enable_swapping: bool = _key("enable-swapping", False, "rotate every node's rank by +1 every swap-period rounds", advanced=True)
     swap_period: int = _key("swap-period", 2, "rounds between rank rotations", minimum=1, advanced=True)
     strategy: str = _key("strategy", "fedavg", "the server's rule on the merged model: Flower's class of that name, or diloco, DiLoCo's outer Nesterov SGD on the merged update (server/outer.py)", choices=STRATEGIES)

@@ -26,11 +26,12 @@ from fedtp_flwr.model.context import (
     split_names,
 )
 from fedtp_flwr.model.quant import dequantize
-from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
+from fedtp_flwr.model.sharding import REPLICATE, block_position, rule_for, shard, shard_args, slice_shapes, valid_world_sizes
 from fedtp_flwr.training import TrainSettings, param_groups, train_local
 
-CASES = [(w, r) for w in (1, 2, 4) for r in range(w)]
-assert {1, 2, 4} <= set(valid_world_sizes(ARGS))  # every case really runs
+# W = 8: beyond the 4 kv heads, each kv head held by 2 ranks (a replica group)
+CASES = [(w, r) for w in (1, 2, 4) for r in range(w)] + [(8, 0), (8, 5)]
+assert {1, 2, 4, 8} <= set(valid_world_sizes(ARGS))  # every case really runs
 
 # Relative logits error ||ctx - full|| / ||full|| with a per-row absmax rest, on this random model
 # (fan-in scaled Gaussian weights, logits O(1)). Measured over 5 seeds x all ranks, W in 2, 4:
@@ -58,12 +59,16 @@ def test_rest_is_the_other_ranks_blocks_in_order(world_size, rank):
     rest = context_rest(sd, ARGS, rank, world_size)
     assert list(rest) == split_names(ARGS)
     assert {k: tuple(v.shape) for k, v in rest.items()} == rest_shapes(ARGS, world_size)
-    others = [shard(sd, ARGS, k, world_size) for k in range(world_size) if k != rank]
     for name, t in rest.items():
+        # one slice per other block: at W = 8 a kv weight's blocks are the 4 kv heads, each held by 2 ranks
+        rule = rule_for(name)
+        index, count = block_position(ARGS, rule, rank, world_size)
+        holders = world_size // count
+        others = [shard(sd, ARGS, i * holders, world_size)[name] for i in range(count) if i != index]
         if not others:  # W = 1: nothing is frozen
             assert t.numel() == 0, name
             continue
-        assert torch.equal(t, torch.cat([s[name] for s in others], dim=rule_for(name).dim)), name
+        assert torch.equal(t, torch.cat(others, dim=rule.dim)), name
 
 
 def test_rest_arrays_round_trip_through_an_array_record():
@@ -131,7 +136,7 @@ def test_quantized_logits_error_is_within_the_stated_tolerance(bits, world_size)
         assert 1e-4 < err < LOGITS_TOL[bits], (rank, err)  # > 1e-4: the rest really is quantized
 
 
-@pytest.mark.parametrize("world_size, rank", [(2, 0), (4, 3)])
+@pytest.mark.parametrize("world_size, rank", [(2, 0), (4, 3), (8, 3)])
 @torch.no_grad()
 def test_slice_sits_at_the_rank_position(world_size, rank):
     """Perturbing the trainable slice changes the logits exactly as perturbing rank's block of the full
@@ -157,7 +162,7 @@ def test_slice_sits_at_the_rank_position(world_size, rank):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("world_size, rank", [(2, 1), (4, 0), (4, 2)])
+@pytest.mark.parametrize("world_size, rank", [(2, 1), (4, 0), (4, 2), (8, 7)])
 def test_gradients_are_the_full_models_on_the_slice_and_replicated_params(world_size, rank, checkpointing):
     full = random_model()
     ctx = context_model(full, rank, world_size, 16)

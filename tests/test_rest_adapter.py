@@ -33,7 +33,7 @@ from fedtp_flwr.training import TrainSettings, param_groups, train_local
 from fedtp_flwr.wire import encode
 
 RANK = 3
-CASES = [(2, 0), (2, 1), (4, 2)]
+CASES = [(2, 0), (2, 1), (4, 2), (8, 5)]  # W = 8: kv heads held by replica groups of 2
 
 
 def adapted_model(full: Transformer, rank: int, world_size: int, seed: int = 0) -> Transformer:
@@ -61,7 +61,7 @@ def dense_equivalent(model: Transformer, rank: int, world_size: int) -> Transfor
     for name, module in model.named_modules():
         if isinstance(module, FrozenContextLinear):
             rest = dequantize(module.rest) + module.rest_adapter.b @ module.rest_adapter.a
-            lo = rank * module.weight.shape[module.split.dim]
+            lo = module.rank * module.weight.shape[module.split.dim]  # its block's index (kv: the replica group's)
             state[f"{name}.weight"] = insert(rest, module.weight, module.split.dim, lo).detach()
     for k, v in model.state_dict().items():
         if "rest_adapter" not in k and k not in state:
@@ -153,7 +153,7 @@ def expected_merge(state, replies, world_size):
     return out
 
 
-@pytest.mark.parametrize("world_size, ranks", [(2, [0, 1, 1]), (4, [0, 2, 2, 3]), (2, [1])])
+@pytest.mark.parametrize("world_size, ranks", [(2, [0, 1, 1]), (4, [0, 2, 2, 3]), (2, [1]), (8, [0, 1, 1, 4, 7])])
 def test_every_element_is_the_weighted_mean_of_every_clients_update(world_size, ranks):
     state = random_model().state_dict()
     replies = [Contribution(r, client_reply(state, r, world_size, seed=i), 2.0 + 3 * i) for i, r in enumerate(ranks)]

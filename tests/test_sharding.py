@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedtp_flwr.model import ModelArgs, Transformer, build_model
+from fedtp_flwr.model.sharding import block_count
 from fedtp_flwr.model.transformer import rope_tables
 from fedtp_flwr.sharding import (  # the public names (docs/architecture.md)
     merge,
@@ -23,8 +24,10 @@ CONFIGS = {
     "gqa3-ffn1.3": ModelArgs(dim=96, n_layers=2, n_heads=12, n_kv_heads=4, vocab_size=53, multiple_of=8,
                              ffn_dim_multiplier=1.3),
 }
-CASES = [(name, w) for name, args in CONFIGS.items() for w in (1, 2, 4) if w in valid_world_sizes(args)]
-assert len(CASES) == 6  # every config really runs W = 1, 2 and 4
+# W = 8 and 12: beyond the kv heads, each kv head held by a replica group of 2 (gqa2) or 3 (gqa3) ranks
+CASES = [(name, w) for name, args in CONFIGS.items() for w in (1, 2, 4, 8, 12) if w in valid_world_sizes(args)]
+assert CASES == [("gqa2", 1), ("gqa2", 2), ("gqa2", 4), ("gqa2", 8),
+                 ("gqa3-ffn1.3", 1), ("gqa3-ffn1.3", 2), ("gqa3-ffn1.3", 4), ("gqa3-ffn1.3", 12)]
 
 
 @torch.no_grad()
@@ -49,13 +52,22 @@ def sub_models(model: Transformer, world_size: int) -> list[Transformer]:
 
 
 @pytest.mark.parametrize("name, world_size", CASES)
-def test_merge_of_shard_is_bit_exact(name, world_size):
+def test_merge_of_shard_is_the_identity(name, world_size):
+    """Split blocks come back bit for bit. A value held by n ranks (a replicated layer: n = W; a kv head of a replica
+    group: n = W / n_kv_heads) is the float32 running mean of n equal values: exact for n = 1, 2 and 4 (each
+    partial sum rounds back onto the grid the next one needs), within 2 ulps otherwise (W = 8, 12; kv groups of 3)."""
     args = CONFIGS[name]
     sd = random_model(args).state_dict()
     merged = merge([shard(sd, args, r, world_size) for r in range(world_size)], args)
     assert list(merged) == list(sd)
     for k in sd:
-        assert merged[k].dtype == sd[k].dtype and torch.equal(merged[k], sd[k]), k
+        assert merged[k].dtype == sd[k].dtype, k
+        rule = rule_for(k)
+        holders = world_size if rule is None else world_size // block_count(args, rule.unit, world_size)
+        if holders in (1, 2, 4):
+            assert torch.equal(merged[k], sd[k]), k
+        else:
+            torch.testing.assert_close(merged[k], sd[k], rtol=2 * torch.finfo(torch.float32).eps, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("name, world_size", CASES)
@@ -98,14 +110,14 @@ def test_sum_of_slice_outputs_equals_full_output(name, world_size, block):
 
 def test_invalid_world_size_lists_valid_ones():
     args = CONFIGS["gqa2"]
-    assert valid_world_sizes(args) == [1, 2, 4]
+    assert valid_world_sizes(args) == [1, 2, 4, 8]
     sd = random_model(args).state_dict()
-    for bad in (0, 3, 8, 2.0):
-        with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4\]"):
+    for bad in (0, 3, 6, 16, 2.0):
+        with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4, 8\]"):
             shard_args(args, bad)
-        with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4\]"):
+        with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4, 8\]"):
             shard(sd, args, 0, bad)
-    with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"valid world sizes: \[1, 2, 4, 8\]"):
         merge([sd, sd, sd], args)
 
 

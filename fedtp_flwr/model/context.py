@@ -34,7 +34,7 @@ from torch import nn
 
 from .quant import QTensor, dequantize, quantize
 from .rows import row_slices
-from .sharding import REPLICATE, Split, block, check_world_size, full_shapes, rule_for, shard, slice_shapes
+from .sharding import REPLICATE, Split, block, block_position, check_world_size, full_shapes, rule_for, shard, slice_shapes
 from .transformer import ModelArgs, Transformer
 
 # Bit widths of the frozen rest (context-bits): int4, int8, or bfloat16 (quant.py's layouts). Listed here, not taken
@@ -253,7 +253,8 @@ def adapter_update_sq_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 def rest_positions(rank: int, world_size: int, size: int) -> list[tuple[int, int]]:
     """(other rank, start of its block inside the rest) along the split dim, in rank order: the rest is the
     other ranks' blocks concatenated (context_rest), so rank r's block starts at r * size before `rank`, and
-    at (r - 1) * size after it."""
+    at (r - 1) * size after it. With kv replica groups, call it with (block index, block count) of
+    `sharding.block_position`: the rest of a kv weight is the other groups' kv heads."""
     return [(r, (r if r < rank else r - 1) * size) for r in range(world_size) if r != rank]
 
 
@@ -261,6 +262,10 @@ class FrozenContextLinear(_FrozenRest, nn.Linear):
     """A full-width bias-free linear [out_features, in_features] whose `weight` parameter is only this
     rank's block along `split.dim`; the other ranks' blocks are a frozen QTensor held in non-persistent
     buffers (`rest_data`, `rest_scale`), so `state_dict()` is {"weight": slice} and nothing else.
+
+    `rank` and `world_size` are the block's index and the number of blocks along the split: a client's rank and W,
+    except for the kv weights at W beyond the kv heads, where they are its kv head and n_kv_heads
+    (sharding.block_position).
 
     A subclass of nn.Linear so that code treating linear weights alike (AdamW weight decay in
     `training.param_groups`) treats the slice as it treats the same weight of the full model."""
@@ -414,8 +419,9 @@ def build_context_model(args: ModelArgs, rank: int, world_size: int, slice_state
             if isinstance(old, nn.Embedding):
                 new = FrozenContextEmbedding(old.num_embeddings, old.embedding_dim, rank, world_size, dtype=dtype)
             else:
-                new = FrozenContextLinear(old.in_features, old.out_features, rule_for(name, vocab_parallel), rank,
-                                          world_size, dtype=dtype)
+                rule = rule_for(name, vocab_parallel)
+                index, count = block_position(args, rule, rank, world_size)  # (rank, W) unless kv heads replicate
+                new = FrozenContextLinear(old.in_features, old.out_features, rule, index, count, dtype=dtype)
             setattr(parent, attr, new)
     model = model.to_empty(device=device)
     model.load_state_dict(slice_state, strict=True)

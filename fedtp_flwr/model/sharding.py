@@ -7,6 +7,12 @@ Contiguous blocks keep grouped-query attention intact: rank k holds kv heads
 [k*n_kv/W, (k+1)*n_kv/W) and exactly the query heads that read them (query head h reads kv head
 h // (n_heads/n_kv_heads)), so a slice is itself a valid, smaller Llama.
 
+World sizes beyond the kv heads (as Megatron-LM does): W may also be a multiple of n_kv_heads (still dividing
+n_heads and the FFN size). Each kv head is then held by W / n_kv_heads consecutive ranks, a "replica group":
+rank k holds kv head k // (W / n_kv_heads) and the n_heads / W query heads of that head that are its own. The kv
+head's rows are then one block held by several ranks, which the server merges like a replicated parameter within
+the group (a weighted mean). `block_position` is where a rank's block is found; `block` its rows.
+
 Vocabulary parallelism (`vocab_parallel=True`, context mode only): `tok_embeddings` and `output` are split
 by vocabulary rows too (rank k holds rows [k*V/W, (k+1)*V/W)). A context-mode client has every other row
 in its frozen low-bit context, so its softmax still runs over the whole vocabulary. An independent
@@ -70,13 +76,27 @@ def is_split(name: str, vocab_parallel: bool = False) -> bool:
 
 
 def valid_world_sizes(args: ModelArgs, vocab_parallel: bool = False) -> list[int]:
-    """World sizes that divide every split unit (n_heads, n_kv_heads, hidden_dim; vocab_size if vocab_parallel)."""
-    return [w for w in range(1, args.n_kv_heads + 1) if _divides(args, w, vocab_parallel)]
+    """World sizes that divide n_heads and hidden_dim (and vocab_size if vocab_parallel) and either divide
+    n_kv_heads or are a multiple of it (each kv head then held by a replica group of W / n_kv_heads ranks)."""
+    return [w for w in range(1, args.n_heads + 1) if _divides(args, w, vocab_parallel)]
 
 
 def _divides(args: ModelArgs, w: int, vocab_parallel: bool = False) -> bool:
-    units = (args.n_heads, args.n_kv_heads, args.hidden_dim) + ((args.vocab_size,) if vocab_parallel else ())
-    return all(u % w == 0 for u in units)
+    units = (args.n_heads, args.hidden_dim) + ((args.vocab_size,) if vocab_parallel else ())
+    kv = args.n_kv_heads % w == 0 or w % args.n_kv_heads == 0
+    return kv and all(u % w == 0 for u in units)
+
+
+def block_count(args: ModelArgs, unit: str, world_size: int) -> int:
+    """How many distinct blocks a split unit is cut into: W, except kv heads at W > n_kv_heads (one block per kv
+    head, each held by a replica group of W / n_kv_heads ranks)."""
+    return args.n_kv_heads if unit == "kv_heads" and world_size > args.n_kv_heads else world_size
+
+
+def block_position(args: ModelArgs, rule: Split, rank: int, world_size: int) -> tuple[int, int]:
+    """(index of rank's block, number of blocks) along `rule`'s unit: (rank, W) except for replicated kv heads."""
+    count = block_count(args, rule.unit, world_size)
+    return rank // (world_size // count), count
 
 
 def check_world_size(args: ModelArgs, world_size: int, vocab_parallel: bool = False) -> None:
@@ -86,19 +106,21 @@ def check_world_size(args: ModelArgs, world_size: int, vocab_parallel: bool = Fa
             args, world_size, vocab_parallel):
         vocab = f", and vocab_size={args.vocab_size} (vocabulary-parallel)" if vocab_parallel else ""
         raise ValueError(
-            f"world size {world_size!r} must divide n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} "
-            f"and the FFN hidden size {args.hidden_dim}{vocab}; valid world sizes: "
+            f"world size {world_size!r} must divide n_heads={args.n_heads} and the FFN hidden size "
+            f"{args.hidden_dim}{vocab}, and divide n_kv_heads={args.n_kv_heads} or be a multiple of it; valid world "
+            f"sizes: "
             f"{valid_world_sizes(args, vocab_parallel)}"
         )
 
 
 def shard_args(args: ModelArgs, world_size: int) -> ModelArgs:
-    """ModelArgs of one rank's sub-model: 1/W of the heads, kv heads and FFN units; same dim and head_dim."""
+    """ModelArgs of one rank's sub-model: 1/W of the heads and FFN units, and 1/W of the kv heads (one kv head
+    when W is a multiple of n_kv_heads); same dim and head_dim."""
     check_world_size(args, world_size)
     return replace(
         args,
         n_heads=args.n_heads // world_size,
-        n_kv_heads=args.n_kv_heads // world_size,
+        n_kv_heads=args.n_kv_heads // block_count(args, "kv_heads", world_size),
         head_dim=args.head_dim,
         hidden_dim=args.hidden_dim // world_size,
     )
@@ -133,9 +155,11 @@ def shard(state_dict: Mapping[str, torch.Tensor], args: ModelArgs, rank: int, wo
 
 
 def block(args: ModelArgs, rule: Split, rank: int, world_size: int) -> tuple[int, int]:
-    """(start, size) of rank's contiguous block along `rule`'s split dim: the one place this is computed."""
-    size = _unit_rows(args, rule.unit) // world_size
-    return rank * size, size
+    """(start, size) of rank's contiguous block along `rule`'s split dim: the one place this is computed (the
+    ranks of a kv replica group get the same block)."""
+    index, count = block_position(args, rule, rank, world_size)
+    size = _unit_rows(args, rule.unit) // count
+    return index * size, size
 
 
 def _unit_rows(args: ModelArgs, unit: str) -> int:
@@ -160,7 +184,7 @@ def slice_shapes(args: ModelArgs, world_size: int, vocab_parallel: bool = False)
         rule = rule_for(name, vocab_parallel)
         shape = list(shape)
         if rule is not REPLICATE:
-            shape[rule.dim] //= world_size
+            shape[rule.dim] //= block_count(args, rule.unit, world_size)
         out[name] = tuple(shape)
     return out
 

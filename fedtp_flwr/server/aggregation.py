@@ -16,7 +16,10 @@ Two rules for a split parameter of rank r, whose current global value is `old`:
       new = old + (sum_{i in r} w_i (x_i - old) + sum_{i not in r} w_i (b_i a_i)[r]) / (sum_{all j} w_j)
 Replicated parameters are the weighted mean over all replies under both rules,
       new = (sum_i w_i x_i) / (sum_i w_i).
-A rank that nobody trained keeps `old` under both rules.
+A rank that nobody trained keeps `old` under both rules. With kv replica groups (W a multiple of n_kv_heads,
+model/sharding.py) a kv head's block is trained by every rank of its group: "rank r" above then reads "the
+block", and per-rank weighting is the weighted mean of the group's replies (a replicated parameter within the
+group).
 
 Arithmetic: float32 sums in arrival order, each term added as `acc += x_i (w_i / w_ref)` (w_ref: the first
 weight that sum received, so that one reply's sum is x exactly), one division by `sum(w) / w_ref` at the end.
@@ -38,7 +41,7 @@ from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.context import adapter_target, rest_positions
 from fedtp_flwr.model.quant import QTensor, dequantize
 from fedtp_flwr.model.rows import row_slices
-from fedtp_flwr.model.sharding import REPLICATE, block, check_world_size, full_shapes, rule_for
+from fedtp_flwr.model.sharding import REPLICATE, block, block_position, check_world_size, full_shapes, rule_for
 
 # Elements per block of the server's elementwise passes (fold, update RMS, finiteness check): 4M values,
 # 16 MB in float32 / 32 MB in float64, so a pass's temporaries do not grow with the largest tensor
@@ -88,19 +91,31 @@ class WeightedFold:
         self.sums: dict[str, torch.Tensor] | None = None
         # Terms are added as x_i * (w_i / w_ref), w_ref the first weight a sum received (per block of a split
         # parameter, over all replies for replicated ones): a sum of one reply is then x exactly, as in FedAvg.
-        self.block_ref: dict[tuple[str, int], float] = {}  # (split parameter, rank) -> w_ref of that block's sum
+        # (split parameter, block index) -> w_ref of that block's sum; the block index is the rank's, except for kv
+        # heads held by a replica group (sharding.block_position), whose ranks share one block and one sum
+        self.block_ref: dict[tuple[str, int], float] = {}
         self.rank_weight = [0.0] * world_size
         self.ref, self.total, self.count = 0.0, 0.0, 0
 
-    def _block(self, state: Mapping[str, torch.Tensor], name: str, rank: int) -> torch.Tensor:
+    def _position(self, name: str, rank: int) -> tuple[int, int]:
+        """(index of rank's block of `name`, number of blocks)."""
+        return block_position(self.args, rule_for(name, self.vocab_parallel), rank, self.world_size)
+
+    def _ranks(self, name: str, index: int) -> range:
+        """The ranks that hold block `index` of `name` (one rank, or a kv replica group)."""
+        group = self.world_size // self._position(name, 0)[1]
+        return range(index * group, (index + 1) * group)
+
+    def _block(self, state: Mapping[str, torch.Tensor], name: str, index: int) -> torch.Tensor:
+        """Block `index` of `name` in `state` (a view)."""
         rule = rule_for(name, self.vocab_parallel)
-        lo, size = block(self.args, rule, rank, self.world_size)
+        lo, size = block(self.args, rule, self._ranks(name, index)[0], self.world_size)
         return state[name].narrow(rule.dim, lo, size)
 
-    def _write(self, name: str, rank: int, w: float) -> tuple[bool, float]:
+    def _write(self, name: str, index: int, w: float) -> tuple[bool, float]:
         """(first term of this block's sum?, the factor w / w_ref its term is added with)."""
-        first = (name, rank) not in self.block_ref
-        ref = self.block_ref.setdefault((name, rank), w)
+        first = (name, index) not in self.block_ref
+        ref = self.block_ref.setdefault((name, index), w)
         return first, w / ref
 
     def add(self, c: Contribution, release: bool = False) -> None:
@@ -127,8 +142,9 @@ class WeightedFold:
                 else:
                     pairs = blocks(dst, t)
             else:
-                first, alpha = self._write(k, c.rank, w)
-                dst, old = self._block(self.sums, k, c.rank), self._block(self.old, k, c.rank)
+                index = self._position(k, c.rank)[0]
+                first, alpha = self._write(k, index, w)
+                dst, old = self._block(self.sums, k, index), self._block(self.old, k, index)
                 if isinstance(t, QTensor):
                     per_rank = self.weighting == "per-rank"
                     pairs = ((dst[rows], old[rows] + d if per_rank else d) for rows, d in delta_rows(t, dst.shape))
@@ -156,7 +172,7 @@ class WeightedFold:
         rule = rule_for(name, self.vocab_parallel)
         _, size = block(self.args, rule, rank, self.world_size)
         a, b = a.float(), b.float()  # [r, rest cols], [rest rows, r]: small
-        for other, pos in rest_positions(rank, self.world_size, size):
+        for other, pos in rest_positions(*self._position(name, rank), size):  # other blocks (kv: other groups)
             first, alpha = self._write(name, other, w)
             dst = self._block(self.sums, name, other)
             rows, cols = (b[pos:pos + size], a) if rule.dim == 0 else (b, a[:, pos:pos + size])
@@ -177,15 +193,16 @@ class WeightedFold:
                 if self.total != self.ref:  # x / 1 is x: no pass
                     t.div_(self.total / self.ref)
                 continue
-            for rank, rank_weight in enumerate(self.rank_weight):
-                dst, ref = self._block(out, k, rank), self.block_ref.get((k, rank))
+            for index in range(self._position(k, 0)[1]):
+                dst, ref = self._block(out, k, index), self.block_ref.get((k, index))
                 if ref is None:  # nobody's update reached this block
-                    dst.copy_(self._block(self.old, k, rank))
+                    dst.copy_(self._block(self.old, k, index))
                 elif self.weighting == "per-rank":
-                    if rank_weight != ref:  # one reply for the rank: already its value
-                        dst.div_(rank_weight / ref)
+                    block_weight = sum(self.rank_weight[r] for r in self._ranks(k, index))
+                    if block_weight != ref:  # one reply for the block: already its value
+                        dst.div_(block_weight / ref)
                 else:
-                    dst.div_(self.total / ref).add_(self._block(self.old, k, rank))
+                    dst.div_(self.total / ref).add_(self._block(self.old, k, index))
         return {k: out[k] for k in self.old}
 
 

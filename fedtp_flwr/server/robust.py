@@ -7,7 +7,8 @@ size, so the split-layer RMS of all replies of a round compare with each other. 
 part exceeds `factor` x the round's median of that part is an outlier; with fewer than 3 replies there is
 no median to trust and nothing is dropped.
 
-Robust merging (rank-merge): within each rank group, and over all replies for the replicated layers, the
+Robust merging (rank-merge): within each rank group (for kv heads held by a replica group, the replies of every
+rank of the group), and over all replies for the replicated layers, the
 coordinate-wise median (Flower's FedMedian: np.median) or trimmed mean (Flower's FedTrimmedAvg: its
 trim_mean) of the replies, unweighted as in Flower. With all-clients weighting a rank group's robust value
 moves the global slice by the group's share of the round's replies, the count analogue of that rule:
@@ -37,7 +38,7 @@ from fedtp_flwr.model import ModelArgs
 from fedtp_flwr.model.quant import QTensor
 from fedtp_flwr.model.rows import row_slices, rows_per_block
 from fedtp_flwr.model.context import adapter_pairs, adapter_target, adapter_update_sq_norm
-from fedtp_flwr.model.sharding import REPLICATE, rule_for, shard
+from fedtp_flwr.model.sharding import REPLICATE, block_position, rule_for, shard
 
 from .aggregation import Contribution, blocks, delta_rows
 from .spill import SpilledState
@@ -146,12 +147,17 @@ def merge_by_plan(global_state: Mapping[str, torch.Tensor], contributions: Seque
         else:
             out[k] = torch.empty(old.shape, dtype=old.dtype)
     for rank in range(world_size):
-        group = [c for c in contributions if c.rank == rank]
         dst = shard(out, args, rank, world_size, vocab_parallel)  # views into `out`
         src = shard(global_state, args, rank, world_size, vocab_parallel)
         for k, old in src.items():
-            if rule_for(k, vocab_parallel) is REPLICATE:
+            rule = rule_for(k, vocab_parallel)
+            if rule is REPLICATE:
                 continue
+            # the replies that trained this block: rank's, or its kv replica group's (written once, by its first rank)
+            index, count = block_position(args, rule, rank, world_size)
+            if rank % (world_size // count):
+                continue
+            group = [c for c in contributions if block_position(args, rule, c.rank, world_size)[0] == index]
             if group:
                 split(k, dst[k], old, group)
             else:
