@@ -46,7 +46,7 @@ from pathlib import Path
 
 import _common
 import torch
-from flwr.app import ArrayRecord, MessageType
+from flwr.app import MessageType
 
 from fedtp_flwr.data import (
     ByteTokenizer,
@@ -65,7 +65,6 @@ from fedtp_flwr.server.app import run as server_run
 from fedtp_flwr.server.outputs import read_results, run_folders
 from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
-from fedtp_flwr.wire import record_nbytes
 
 PRESET = "bytes-small"
 CORPUS_TRAIN = builtin_corpus_path("train")
@@ -198,7 +197,7 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
             "precision": "fp32", "lr-schedule": "constant", "weight-decay": 0.01, "max-grad-norm": 1.0,
             "output-dir": tmp, "checkpoint-every": 0, **c,
         }
-        grid = InProcessGrid(nodes, cfg)
+        grid = InProcessGrid(nodes, cfg, keep_arrays=False)  # only the bytes and metrics are read
         t0 = time.perf_counter()
         server_run(grid, cfg)
         seconds = time.perf_counter() - t0
@@ -206,10 +205,8 @@ def run_config(a, name: str, seed: int, ckpt: Path, c: dict | None = None, token
         results = read_results(folder / "experiment_results_llama32.pkl")
         extra = after(folder) if after else {}
     (history,) = results.values()
-    down = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
-            for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]
-    up = [sum(record_nbytes(r) for r in m.content.values() if isinstance(r, ArrayRecord))
-          for m in grid.replies if not m.has_error()]
+    down = [n for m, n in zip(grid.delivered, grid.delivered_bytes) if m.metadata.message_type == MessageType.TRAIN]
+    up = [n for m, n in zip(grid.replies, grid.reply_bytes) if not m.has_error()]
     errors = [m.error.reason for m in grid.replies if m.has_error()]
     if errors:
         raise RuntimeError(f"{name}: client errors: {errors[:3]}")

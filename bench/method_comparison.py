@@ -74,7 +74,7 @@ from fedtp_flwr.model import ModelArgs, build_model, preset_args
 from fedtp_flwr.model.checkpoint import load_checkpoint, save_meta_checkpoint
 from fedtp_flwr.testing.inprocess import InProcessGrid
 from fedtp_flwr.training import TrainSettings, evaluate, train_local
-from fedtp_flwr.wire import decode, encode, record_nbytes
+from fedtp_flwr.wire import decode, encode
 
 LORA_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 # plain context slices (no rest adapter: rest-adapter-rank's auto default would add one)
@@ -341,7 +341,7 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_ro
         history.append([rnd, res["loss"], res["perplexity"]])
         return MetricRecord({"loss": res["loss"], "perplexity": res["perplexity"]})
 
-    grid = InProcessGrid(nodes, cfg, handler=handle)
+    grid = InProcessGrid(nodes, cfg, handler=handle, keep_arrays=False)  # only the bytes and metrics are read
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
     init = encode(adapter_state(lora_model(args, state, rank, seed=seed, alpha=alpha)))
     t0 = time.perf_counter()
@@ -350,8 +350,7 @@ def lora_run(a, setup: dict, seed: int, rank: int, lr: float, rounds: int, on_ro
     errors = [m.error.reason for m in grid.replies if m.has_error()]
     if errors:
         raise RuntimeError(f"LoRA rank {rank}: client errors: {errors[:3]}")
-    down = [record_nbytes(m.content["arrays"]) for m in grid.delivered]
-    up = [record_nbytes(m.content["arrays"]) for m in grid.replies]
+    down, up = grid.delivered_bytes, grid.reply_bytes
     return {"history": history, "final_ppl": history[-1][2], "seconds": seconds, "rank": rank, "lr": lr,
             "bytes_down_per_client_round": sum(down) / len(down), "bytes_up_per_client_round": sum(up) / len(up),
             "bytes_once": 4 * sum(t.numel() for t in state.values()),  # the float32 base, downloaded once

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Rec
 from fedtp_flwr.client.app import evaluate_reply, train_reply
 from fedtp_flwr.compat import ErrorCode, ensure_run_identity, set_message_id
 from fedtp_flwr.config import RunConfig
+from fedtp_flwr.wire import record_nbytes
 from fedtp_flwr.identity import identity_reply
 
 
@@ -72,7 +73,7 @@ class InProcessGrid:
 
     def __init__(self, node_configs: list[dict[str, Any]], run_config: Mapping[str, Any],
                  handler: Callable[[Message, RunConfig, Mapping[str, Any]], Message] = handle,
-                 node_ids: list[int] | None = None):
+                 node_ids: list[int] | None = None, keep_arrays: bool = True):
         ensure_run_identity()  # Messages need a run id, as in a ServerApp process
         ids = node_ids if node_ids is not None else range(1, len(node_configs) + 1)
         self.node_configs = {i: dict(c) for i, c in zip(ids, node_configs, strict=True)}
@@ -81,6 +82,12 @@ class InProcessGrid:
         self.delivered: list[Message] = []  # every train / evaluate message sent, for inspection
         self.queries: list[Message] = []  # the identity queries (fedtp_flwr/identity.py)
         self.replies: list[Message] = []  # every reply (error replies included), in the same order
+        # Array bytes of each of them (wire.record_nbytes over its ArrayRecords), in the same orders. With
+        # keep_arrays=False the kept messages are copies without their arrays (metadata, configs and metrics only):
+        # a benchmark of a real model would otherwise hold every slice and reply of the run (GBs per round).
+        self.delivered_bytes: list[int] = []
+        self.reply_bytes: list[int] = []
+        self.keep_arrays = keep_arrays
         self._queued: dict[str, Message] = {}  # pushed, not yet pulled
 
     def get_node_ids(self) -> list[int]:
@@ -103,13 +110,31 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             query = msg.metadata.message_type.startswith(MessageType.QUERY)  # the server's identity query
-            (self.queries if query else self.delivered).append(msg)
             try:
                 reply = self.handler(msg, self.cfg, self.node_configs[msg.metadata.dst_node_id])
             except Exception as e:  # an exception the handler lets out becomes Flower's error reply, in its words
                 reason = str(type(e)) + ":<'" + str(e) + "'>"  # flwr 1.42, supernode/runtime/run_clientapp.py
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
             replies.append(reply)
-            if not query:
+            if query:
+                self.queries.append(msg)
+                continue
+            self.delivered_bytes.append(_array_bytes(msg))
+            self.reply_bytes.append(0 if reply.has_error() else _array_bytes(reply))
+            if self.keep_arrays:
+                self.delivered.append(msg)
                 self.replies.append(reply)
+            else:
+                self.delivered.append(Message(_without_arrays(msg), dst_node_id=msg.metadata.dst_node_id,
+                                              message_type=msg.metadata.message_type))
+                self.replies.append(reply if reply.has_error() else Message(_without_arrays(reply), reply_to=msg))
         return replies
+
+
+def _array_bytes(msg: Message) -> int:
+    return sum(record_nbytes(r) for r in msg.content.values() if isinstance(r, ArrayRecord))
+
+
+def _without_arrays(msg: Message) -> RecordDict:
+    """The message's records with every ArrayRecord left empty (the other records are the same objects)."""
+    return RecordDict({k: ArrayRecord() if isinstance(r, ArrayRecord) else r for k, r in msg.content.items()})
