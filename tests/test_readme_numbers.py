@@ -79,6 +79,7 @@ MOQ, MOQ43 = "memory_options_quality.json", "memory_options_quality_seed43.json"
 LQ, AC, ACH = "learning_quality.json", "adapter_comparison.json", "adapter_comparison_h32.json"
 ACC = "adapter_comparison_code_h32.json"
 SD = "strategy_defaults.json"
+CMM = "client_memory_measured_3b.json"
 G, F4 = (lambda v: f"{v:g}"), (lambda v: f"{v:.4f}")
 ACC128 = "adapter_comparison_code_h128.json"
 COMM, SS, SM, TR = "communication.json", "server_scaling.json", "server_merge.json", "transport.json"
@@ -170,6 +171,8 @@ MAIN_RUN_SAMPLE = [
 
 QUOTES_BY_PAGE = {
     "README.md": [
+        Q("{} GB against {} GB analytic", CMM, ("summary.by_world_size.8.measured_gb", fmt(".2f")),
+          ("summary.by_world_size.8.analytic_gb", fmt(".2f"))),
         # Which mode to pick: one row per pick (each quote reads one results file), then why
         Q("in int4 | W=2: {} GB without the adapters (fp32 AdamW) |", CM, (_3b("context-int4", 2), GB2)),
         Q("without the adapters (fp32 AdamW) | W=2: {} GB | W=2:", COMM,
@@ -198,6 +201,9 @@ QUOTES_BY_PAGE = {
           (_val("code", "ctx-ad-w2"), PCT1), (_val("code", "lora-w2mem"), PCT1)),
     ],
     "docs/memory.md": [
+        Q("local steps on the CPU, peaked at {} GB above the process's pre-build RSS against the analytic {} GB", CMM,
+          ("summary.by_world_size.8.measured_gb", fmt(".2f")), ("summary.by_world_size.8.analytic_gb", fmt(".2f"))),
+        Q("for the same\nrun ({}x;", CMM, ("summary.by_world_size.8.ratio", fmt(".3f"))),
         Q("each W=2 client needs about {} GB", CM, (_3b("today", 2), fmt(".0f", 1e-9))),
         Q("the server holds the fp32 model ({} GB of RAM)", SS, ("3b_analytic_gb.model_gb", fmt(".1f"))),
         Q("every client trains the replicated embeddings and output ({} parameters)", LQ,
