@@ -96,11 +96,13 @@ def test_the_robust_merge_takes_the_median_over_the_whole_replica_group():
     assert torch.equal(_kv_rows(got, 1), replies[3].state[KV])
 
 
-@pytest.mark.slow  # two in-process runs of 8 nodes (tiny preset): tens of seconds
-@pytest.mark.parametrize("mode", ["independent", "context"])
-def test_a_run_at_twice_the_kv_heads_trains_every_rank(tmp_path, mode, caplog):
+@pytest.mark.slow  # three in-process runs of 8 nodes (tiny preset): tens of seconds each
+@pytest.mark.parametrize("mode, codecs", [("independent", {}), ("context", {}),
+                                          ("context", {"upload-codec": "int4-delta", "download-codec": "int4"})])
+def test_a_run_at_twice_the_kv_heads_trains_every_rank(tmp_path, mode, codecs, caplog):
     """llama3.2-tiny (8 heads, 4 kv heads) at W = 8 through server.run and the client code, 8 nodes: every rank
-    trains, the held-out loss falls, and each kv head's rows moved (the group's replies merged into it)."""
+    trains, the held-out loss falls, and each kv head's rows moved (the group's replies merged into it); also with
+    the recipes' int4 codecs both ways (the update uploaded as low-bit deltas of the replicated rows)."""
     from fedtp_flwr.config import RunConfig
     from fedtp_flwr.server.app import experiment_key, run
     from fedtp_flwr.server.outputs import load_run_checkpoint, read_results
@@ -108,7 +110,7 @@ def test_a_run_at_twice_the_kv_heads_trains_every_rank(tmp_path, mode, caplog):
 
     cfg = {"num-server-rounds": 1, "world-size": 8, "local-steps": 2, "batch-size": 2, "max-seq-len": 32,
            "eval-batches": 2, "max-batch-size": 4, "learning-rate": 1e-3, "slice-mode": mode,
-           "output-dir": str(tmp_path)}
+           "output-dir": str(tmp_path), **codecs}
     run(InProcessGrid([{"partition-id": i, "num-partitions": 8} for i in range(8)], cfg), cfg, run_id=1)
     history = read_results(tmp_path / "run-1" / "experiment_results_llama32.pkl")[
         experiment_key(RunConfig.from_run_config(cfg))]
