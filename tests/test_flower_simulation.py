@@ -98,11 +98,12 @@ def _files(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# Server-side settings the resumed strategy trains with on this config (its merges are not refused: a refused round
-# writes no checkpoint to resume from). One strategy with server state (FedAdam's moments) through real processes:
-# what only `flwr run` adds is the random node ids; every strategy's own state is resumed in-process by
-# tests/test_strategy_defaults.py (two simulations per strategy here cost CI minutes and showed nothing more).
-RESUMED_STRATEGIES = {"fedadam": {"server-learning-rate": 0.01}}
+# Server-side settings each strategy trains with on this config (its merges are not refused: a refused round
+# writes no checkpoint to resume from). FedAvg, FedAdam (server moments) and DiLoCo (outer momentum), as issue 30
+# asks, through real processes (what only `flwr run` adds is the random node ids); every strategy in
+# config.STRATEGIES is also resumed in-process by tests/test_strategy_defaults.py.
+RESUMED_STRATEGIES = {"fedavg": {}, "fedadam": {"server-learning-rate": 0.01},
+                      "diloco": {"server-learning-rate": 1.0, "server-momentum": 0.5}}
 
 
 @pytest.mark.parametrize("strategy", sorted(RESUMED_STRATEGIES))
