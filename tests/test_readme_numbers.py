@@ -80,6 +80,7 @@ LQ, AC, ACH = "learning_quality.json", "adapter_comparison.json", "adapter_compa
 ACC = "adapter_comparison_code_h32.json"
 SD = "strategy_defaults.json"
 CMM = "client_memory_measured_3b.json"
+KVR = "adapter_comparison_kv_replicas_short.json"
 G, F4 = (lambda v: f"{v:g}"), (lambda v: f"{v:.4f}")
 ACC128 = "adapter_comparison_code_h128.json"
 COMM, SS, SM, TR = "communication.json", "server_scaling.json", "server_merge.json", "transport.json"
@@ -199,6 +200,13 @@ QUOTES_BY_PAGE = {
           ("matrix[model=llama3.2-3b,layout=federated LoRA r16].total", GB2), ("3b_recipe_round_gb.2", X2)),
         Q("context slices kept {}% of FedAvg's gain against LoRA's {}% at the same client memory", AC,
           (_val("code", "ctx-ad-w2"), PCT1), (_val("code", "lora-w2mem"), PCT1)),
+    ],
+    "docs/architecture.md": [
+        Q("adapters): ctx-ad-w4 kept {}% ({}) of FedAvg's gain in validation loss and ctx-ad-w8 {}% ({})", KVR,
+          ("summary.pydocs.ctx-ad-w4.val_loss_share_at_rounds.mean", fmt(".1f", 100)),
+          (("summary.pydocs.ctx-ad-w4.val_loss_share_at_rounds.min", "summary.pydocs.ctx-ad-w4.val_loss_share_at_rounds.max"), span(".1f", 100)),
+          ("summary.pydocs.ctx-ad-w8.val_loss_share_at_rounds.mean", fmt(".1f", 100)),
+          (("summary.pydocs.ctx-ad-w8.val_loss_share_at_rounds.min", "summary.pydocs.ctx-ad-w8.val_loss_share_at_rounds.max"), span(".1f", 100))),
     ],
     "docs/memory.md": [
         Q("local steps on the CPU, peaked at {} GB above the process's pre-build RSS against the analytic {} GB", CMM,
