@@ -87,3 +87,17 @@ def test_quick_run_writes_every_kind_of_method_and_the_targets(tmp_path):
     assert "forgetting_best_round" in s["ctx-ad-w2"]
     assert set(doc["targets"]["code"]) >= {"ctx-ad-w2 >= 95% of FedAvg's gain at equal rounds"}
     assert (tmp_path / "ac.md").read_text().startswith("# Rest adapters vs FedAvg")
+
+
+def test_nodes_per_group_splits_each_group_into_alternate_lines(tmp_path):
+    """--nodes-per-group 2 (8 nodes, so that W = 8 has a node per rank): each group's records go alternately to its
+    two nodes, none lost or repeated."""
+    files = []
+    for g in ("a", "b"):
+        f = tmp_path / f"node-{g}.jsonl"
+        f.write_text("".join(json.dumps({"text": f"{g}{i}"}) + "\n" for i in range(5)))
+        files.append(f)
+    split = ac.split_nodes(files, 2, tmp_path / "x2")
+    read = [[json.loads(l)["text"] for l in p.read_text().splitlines()] for p in split]
+    assert read == [["a0", "a2", "a4"], ["a1", "a3"], ["b0", "b2", "b4"], ["b1", "b3"]]
+    assert ac.split_nodes(files, 1, tmp_path / "x1") == files
