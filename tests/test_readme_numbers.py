@@ -172,8 +172,9 @@ MAIN_RUN_SAMPLE = [
 
 QUOTES_BY_PAGE = {
     "README.md": [
-        Q("{} GB against {} GB analytic", CMM, ("summary.by_world_size.8.measured_gb", fmt(".2f")),
-          ("summary.by_world_size.8.analytic_gb", fmt(".2f"))),
+        Q("W=8 {} GB\nagainst {} GB analytic, W=4 {} GB against {} GB)", CMM,
+          ("summary.by_world_size.8.measured_gb", fmt(".2f")), ("summary.by_world_size.8.analytic_gb", fmt(".2f")),
+          ("summary.by_world_size.4.measured_gb", fmt(".2f")), ("summary.by_world_size.4.analytic_gb", fmt(".2f"))),
         # Which mode to pick: one row per pick (each quote reads one results file), then why
         Q("in int4 | W=2: {} GB without the adapters (fp32 AdamW) |", CM, (_3b("context-int4", 2), GB2)),
         Q("without the adapters (fp32 AdamW) | W=2: {} GB | W=2:", COMM,
@@ -211,7 +212,9 @@ QUOTES_BY_PAGE = {
     "docs/memory.md": [
         Q("local steps on the CPU, peaked at {} GB above the process's pre-build RSS against the analytic {} GB", CMM,
           ("summary.by_world_size.8.measured_gb", fmt(".2f")), ("summary.by_world_size.8.analytic_gb", fmt(".2f"))),
-        Q("for the same\nrun ({}x;", CMM, ("summary.by_world_size.8.ratio", fmt(".3f"))),
+        Q("for the same\nrun at W=8 ({}x), and at {} GB against {} GB at W=4 ({}x)", CMM,
+          ("summary.by_world_size.8.ratio", fmt(".3f")), ("summary.by_world_size.4.measured_gb", fmt(".2f")),
+          ("summary.by_world_size.4.analytic_gb", fmt(".2f")), ("summary.by_world_size.4.ratio", fmt(".3f"))),
         Q("each W=2 client needs about {} GB", CM, (_3b("today", 2), fmt(".0f", 1e-9))),
         Q("the server holds the fp32 model ({} GB of RAM)", SS, ("3b_analytic_gb.model_gb", fmt(".1f"))),
         Q("every client trains the replicated embeddings and output ({} parameters)", LQ,
